@@ -1,0 +1,48 @@
+"""lora_kernels: fused LoRA linear layers (torch / Triton / CUDA backends), injection, PEFT-format adapters.
+
+Importing this package is cheap: it never initialises CUDA, never imports triton and never loads the native
+extension; those are loaded on first use by the backend that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from .backends import (  # noqa: E402
+    BackendUnavailableError,
+    LoRAOpts,
+    backend_info,
+    get_backend,
+    set_backend,
+)
+from .functional import lora_linear, lora_linear_reference  # noqa: E402
+
+# Heavier pieces load on first attribute access (PEP 562) so `import lora_kernels` stays lean.
+_LAZY = {
+    "LoRALinear": "lora_kernels.layer",
+    "apply_lora": "lora_kernels.inject",
+    "merge_lora": "lora_kernels.inject",
+    "unmerge_lora": "lora_kernels.inject",
+    "lora_modules": "lora_kernels.inject",
+    "save_adapter": "lora_kernels.adapter",
+    "load_adapter": "lora_kernels.adapter",
+}
+
+__all__ = [
+    "BackendUnavailableError",
+    "LoRAOpts",
+    "backend_info",
+    "get_backend",
+    "set_backend",
+    "lora_linear",
+    "lora_linear_reference",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lora_kernels' has no attribute {name!r}")

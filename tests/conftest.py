@@ -1,0 +1,23 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before any @triton.jit function is decorated, so it is set here, at collection
+time, whenever no CUDA device is present: the Triton kernels then run under the interpreter on CPU tensors.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    import lora_kernels
+
+    lora_kernels.set_backend(None)
+    yield
+    lora_kernels.set_backend(None)
