@@ -35,7 +35,10 @@ def _cuda_available() -> tuple[bool, str]:
         return False, "disabled by LORA_KERNELS_DISABLE_CUDA_EXT=1"
     if importlib.util.find_spec("lora_kernels.cuda") is None:
         return False, "this build of lora_kernels has no CUDA backend module"
-    return _lazy("lora_kernels.cuda.backend:availability")()
+    try:
+        return _lazy("lora_kernels.cuda.backend:availability")()
+    except ImportError as e:  # a broken install must say so, not crash selection
+        return False, f"lora_kernels.cuda.backend failed to import: {e}"
 
 
 def register_all() -> None:

@@ -21,8 +21,10 @@ Backward with ``G = dY``::
 Saved tensors: ``X`` (the input itself, or its 2-D view), the parameters (no copies) and ``XA``; never a
 second ``M x K`` tensor. Each gradient is computed only when ``ctx.needs_input_grad`` asks for it.
 
-Dtypes: the big GEMMs run in the activation dtype (adapters fp32 are cast to it, r x K / N x r: small), BLAS
-accumulates in fp32; ``XA`` is kept in fp32; gradients come back in each input's own dtype.
+Precision contract (shared by every backend; kernels may be more precise, never less): every GEMM takes its
+operands in the activation dtype — fp32 adapters and the fp32 intermediates ``XA``/``GB`` are rounded to it at the
+operand, exactly what a bf16/fp16 tensor-core MMA sees — and accumulates in fp32. ``XA``, ``GB`` and the adapter
+gradients are produced in fp32 (then cast to the adapter dtype); ``Y`` and ``dX`` are stored in the activation dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +39,22 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts) -> tuple[bool, str]:
     return True, "pure PyTorch handles every device, dtype and rank"
 
 
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with fp32 accumulation and an fp32 (or fp64) result, for operands of one dtype.
+
+    CUDA has ``torch.mm(..., out_dtype=float32)`` for bf16/fp16 operands (no upcast copies); elsewhere the operands
+    are upcast, which is exact (every bf16/fp16 value is an fp32 value), so the numerics match a tensor-core MMA.
+    """
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # older torch: no out_dtype overload
+            pass
+    return a.float() @ b.float()
+
+
 def _dropped(x2: torch.Tensor, opts: LoRAOpts) -> torch.Tensor:
     return apply_dropout(x2, opts.seed, opts.offset, opts.dropout_p) if opts.dropout_p > 0 else x2
 
@@ -49,13 +67,13 @@ class _TorchLoRALinear(torch.autograd.Function):
         dt = x.dtype
         a = lora_A.to(dt)
         b_ = lora_B.to(dt)
-        xa = _dropped(x2, opts) @ a.t()  # [M, r]
-        xr = xa if lora_R is None else xa @ lora_R.to(dt).t()
+        xa32 = _mm32(_dropped(x2, opts), a.t())  # [M, r] fp32
+        xr = xa32.to(dt) if lora_R is None else _mm32(xa32.to(dt), lora_R.to(dt).t()).to(dt)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(xr, b_.t(), alpha=opts.scale)
         ctx.opts = opts
         ctx.x_shape = x.shape
-        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, lora_R, xa.float())
+        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, lora_R, xa32)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -75,8 +93,8 @@ class _TorchLoRALinear(torch.autograd.Function):
         dx = dw = db = da = dbb = dr = None
         gb = gbr = None
         if need_x or need_a or need_r:
-            gb = g @ b_  # [M, r]
-            gbr = gb if r_ is None else gb @ r_
+            gb = _mm32(g, b_).to(dt)  # [M, r], fp32 accumulation, operand-rounded like an MMA input
+            gbr = gb if r_ is None else _mm32(gb, r_).to(dt)
         if need_x:
             dx = g @ weight
             if opts.dropout_p > 0:
@@ -92,12 +110,12 @@ class _TorchLoRALinear(torch.autograd.Function):
         if need_b and bias is not None:
             db = g.sum(0).to(bias.dtype)
         if need_a:
-            da = torch.mm(gbr.t(), _dropped(x2, opts)).mul_(s).to(lora_A.dtype)
+            da = _mm32(gbr.t(), _dropped(x2, opts)).mul_(s).to(lora_A.dtype)
         if need_bb:
-            xr = xa if r_ is None else xa @ r_.t()
-            dbb = torch.mm(g.t(), xr).mul_(s).to(lora_B.dtype)
+            xr = xa if r_ is None else _mm32(xa, r_.t()).to(dt)
+            dbb = _mm32(g.t(), xr).mul_(s).to(lora_B.dtype)
         if need_r and lora_R is not None:
-            dr = torch.mm(gb.t(), xa).mul_(s).to(lora_R.dtype)
+            dr = _mm32(gb.t(), xa).mul_(s).to(lora_R.dtype)
         return dx, dw, db, da, dbb, dr, None
 
 
