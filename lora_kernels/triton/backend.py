@@ -1,0 +1,36 @@
+"""The ``triton`` backend for the registry (lora_kernels._builtin_backends): ``supports`` and ``apply``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..backends import LoRAOpts
+from .launch import MAX_RANK
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[bool, str]:
+    if x.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "triton kernels need a CUDA device (or TRITON_INTERPRET=1 for tests)"
+    elif x.device.type != "cuda":
+        return False, f"triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), got {x.device.type}"
+    if x.dtype not in _DTYPES:
+        return False, f"triton kernels support float32/float16/bfloat16 activations, got {x.dtype} (use backend='torch')"
+    if lora_R is not None:
+        return False, "lora_R (the subspace method's middle matrix) is not supported by the triton kernels"
+    if lora_A.shape[0] > MAX_RANK:
+        return False, f"triton kernels support rank r <= {MAX_RANK}, got r={lora_A.shape[0]}"
+    return True, "fused triton kernels"
+
+
+def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
+    from .ops import lora_fwd
+
+    y, _ = lora_fwd(
+        x, weight, bias, lora_A, lora_B, opts.scale, opts.dropout_p, opts.seed, opts.offset, opts.deterministic
+    )
+    return y

@@ -1,0 +1,149 @@
+"""Forward kernel: ``Y = X Wᵀ + b + s·(X⊙Z) Aᵀ Bᵀ`` and ``XA = (X⊙Z) Aᵀ`` (fp32), one launch.
+
+Shapes: ``X [M, K]`` (any strides; leading dims collapsed to two levels, see launch.py), ``W [N, K]``,
+``A [r, K]``, ``B [N, r]``, ``Y [M, N]``, ``XA [M, r]``. The rank is padded inside the kernel to
+``R_PAD = max(16, next_pow2(r))`` with masked loads (tl.dot needs every dim >= 16); A and B are never copied.
+
+Fused plan (XA_MODE = 0, default: one launch). Program ``(pid_m, pid_n)`` owns a ``[BM, BN]`` tile of Y::
+
+    acc = 0 [BM, BN] fp32 ; xa = 0 [BM, R_PAD] fp32
+    for k in range(0, K, BK):
+        x  = X[m-tile, k:k+BK]                        # loaded once, used twice
+        acc += x @ Wᵀ[k:k+BK, n-tile]                 # the base GEMM
+        xd = x ⊙ Z[m-tile, k:k+BK]                    # mask regenerated from (seed, offset, m*K+k): never stored
+        xa += xd @ Aᵀ[k:k+BK, :R_PAD]                 # extra MMA work: R_PAD/BN of the base (16/128 = 12.5%)
+    acc += (s·xa) @ Bᵀ[:R_PAD, n-tile] + b[n-tile]
+    Y[m-tile, n-tile] = acc  (cast to the activation dtype at the store)
+    if pid_n == 0: XA[m-tile, :r] = xa               (fp32; every column computes the same xa, one stores it)
+
+Split plan (two launches, LoRAFusion style): XA_MODE = 2 with a 1-wide grid computes and stores only XA
+(no W traffic), then XA_MODE = 1 runs the plain GEMM and adds ``(s·XA) Bᵀ`` loaded from memory in the
+epilogue (adding it in the epilogue or initialising the accumulator with it is the same sum).
+
+Precision: all products accumulate in fp32. Operands go to tl.dot in the activation dtype (fp32 adapters are
+cast in-kernel to it, as PEFT/torch do), ``xa`` is rounded to it once for the epilogue product (torch rounds
+XA to it too). fp32 activations use IEEE fp32 products (see _common.dot).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import cast, dot, row_offsets, tile_ids
+from ._rng import keep_mask
+
+
+@triton.jit(do_not_specialize=["drop_offset", "key_lo", "key_hi", "drop_threshold"])
+def lora_fwd_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    bias_ptr,  # unused unless HAS_BIAS
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    xa_ptr,  # [M, R] fp32, contiguous: written (XA_MODE 0, 2) or read (XA_MODE 1)
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    SEQ_X,  # rows of X are m = b*SEQ_X + i (see row_offsets)
+    # strides
+    stride_x_b,
+    stride_x_m,
+    stride_x_k,
+    stride_w_n,
+    stride_w_k,
+    stride_a_r,
+    stride_a_k,
+    stride_b_n,
+    stride_b_r,
+    stride_y_m,
+    stride_y_n,
+    # scalars
+    scale,
+    drop_offset,  # added to the element counter m*K + k
+    key_lo,  # dropout keys / threshold as int32 bit patterns (see _rng.py)
+    key_hi,
+    drop_threshold,
+    drop_scale,  # 1 / (1 - p)
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    XA_MODE: tl.constexpr,  # 0 fused (XA in the K-loop), 1 split: load XA, 2 split: XA only
+    R_PAD: tl.constexpr,
+    IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    dt = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if XA_MODE == 2:
+        pid_m = pid
+        pid_n = 0
+    else:
+        pid_m, pid_n = tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    x_rows = x_ptr + row_offsets(offs_m, SEQ_X, stride_x_b, stride_x_m)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_x_k, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if XA_MODE != 2:
+            # Wᵀ tile [BK, BN]
+            w = tl.load(
+                w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k,
+                mask=n_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            acc = dot(x, w, acc, IEEE, INTERPRET)
+        if XA_MODE != 1:
+            xd = x
+            if HAS_DROPOUT:
+                keep = keep_mask(offs_m, offs_k, K, drop_offset, key_lo, key_hi, drop_threshold)
+                xd = cast(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), dt, INTERPRET)
+            # Aᵀ tile [BK, R_PAD], rows r >= R masked to 0
+            a = tl.load(
+                a_ptr + offs_r[None, :] * stride_a_r + offs_k[:, None] * stride_a_k,
+                mask=r_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            xa = dot(xd, cast(a, dt, INTERPRET), xa, IEEE, INTERPRET)
+
+    xa_ptrs = xa_ptr + offs_m[:, None] * R + offs_r[None, :]
+    if XA_MODE == 1:  # split plan, second launch: XA comes from the first launch
+        xa = tl.load(xa_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    if XA_MODE == 2:
+        tl.store(xa_ptrs, xa, mask=m_mask[:, None] & r_mask[None, :])
+    else:
+        # Bᵀ tile [R_PAD, BN]
+        bt = tl.load(
+            b_ptr + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
+            mask=n_mask[None, :] & r_mask[:, None],
+            other=0.0,
+        )
+        acc = dot(cast(xa * scale, dt, INTERPRET), cast(bt, dt, INTERPRET), acc, IEEE, INTERPRET)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            y_ptr + offs_m[:, None] * stride_y_m + offs_n[None, :] * stride_y_n,
+            cast(acc, y_ptr.dtype.element_ty, INTERPRET),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
+        if XA_MODE == 0:
+            if pid_n == 0:
+                tl.store(xa_ptrs, xa, mask=m_mask[:, None] & r_mask[None, :])

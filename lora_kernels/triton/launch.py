@@ -1,0 +1,238 @@
+"""Launchers: shape/stride bookkeeping, allocation, config choice, grids, and launch counting.
+
+Inputs arrive validated (lora_kernels.functional.validate); these functions assume consistent shapes and
+dtypes. Every Triton launch of this package goes through :func:`_launch`, which is where
+:func:`launch_counter` counts (the torch.zeros/empty allocations are not counted: they are not our kernels,
+see NOTES.md for the full device-op budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from . import configs
+from ._rng import dropout_args
+from .backward import lora_bwd_kernel, sum_partials_kernel
+from .forward import lora_fwd_kernel
+
+PLANS = ("fused", "split")
+PLAN_ENV = "LORA_KERNELS_TRITON_FWD_PLAN"
+_plan: str | None = None
+MAX_RANK = 256
+
+
+# ---------------------------------------------------------------------------------------------- forward plan
+def set_forward_plan(plan: str | None) -> None:
+    """``"fused"`` (one launch, default) or ``"split"`` (XA launch + GEMM launch); ``None`` = env / default."""
+    global _plan
+    if plan is not None and plan not in PLANS:
+        raise ValueError(f"forward plan must be one of {PLANS}, got {plan!r}")
+    _plan = plan
+
+
+def get_forward_plan() -> str:
+    if _plan is not None:
+        return _plan
+    env = os.environ.get(PLAN_ENV, "fused")
+    if env not in PLANS:
+        raise ValueError(f"environment variable {PLAN_ENV} must be one of {PLANS}, got {env!r}")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- launch count
+@dataclass
+class LaunchCounter:
+    count: int = 0
+    kernels: list[str] = field(default_factory=list)
+
+
+_counters: list[LaunchCounter] = []
+_counters_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def launch_counter():
+    """``with launch_counter() as c: ...`` -> ``c.count`` Triton launches of this package inside the block."""
+    c = LaunchCounter()
+    with _counters_lock:
+        _counters.append(c)
+    try:
+        yield c
+    finally:
+        with _counters_lock:
+            _counters.remove(c)
+
+
+def _launch(kernel, grid, *args, count: bool = True, **meta) -> None:
+    if count:
+        for c in _counters:
+            c.count += 1
+            c.kernels.append(kernel.__name__)
+    kernel[grid](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def r_pad(r: int) -> int:
+    """Rank padded for tl.dot: next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """Describe ``t[..., L]`` as rows ``m = b*seq + i`` without copying: ``(t, seq, stride_b, stride_m, stride_l)``.
+
+    Leading dims merge when their strides chain (as ``view(-1, L)`` would); two groups remain addressable
+    (e.g. ``x.transpose(0, 1)`` of a ``[B, T, K]`` tensor). More than two groups (rare: 4-D permuted inputs)
+    falls back to ``reshape``, which copies.
+    """
+    groups: list[list[int]] = []  # [size, stride], outermost first
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == stride * size:
+            groups[-1] = [groups[-1][0] * size, stride]
+        else:
+            groups.append([size, stride])
+    if len(groups) > 2:
+        t = t.reshape(-1, t.shape[-1])
+        return rows_view(t)
+    last = t.stride(-1)
+    if not groups:
+        return t, 1, 0, 0, last
+    if len(groups) == 1:
+        return t, groups[0][0], 0, groups[0][1], last
+    return t, groups[1][0], groups[0][1], groups[1][1], last
+
+
+def grad_layout(r: int, k: int, n: int, need_da: bool, need_db: bool, need_dbias: bool) -> tuple[int, int, int, int]:
+    """Offsets of dA [r, K], dB [N, r], db [N] in the flat fp32 gradient buffer, and its length (unused: -1)."""
+    off, out = 0, []
+    for need, size in ((need_da, r * k), (need_db, n * r), (need_dbias, n)):
+        out.append(off if need else -1)
+        off += size if need else 0
+    return out[0], out[1], out[2], off
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+
+
+def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
+    return dropout_args(seed, p) if p > 0 else (0, 0, 0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset, plan=None):
+    """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` fp32. One launch (fused plan), two (split)."""
+    k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    m = math.prod(x.shape[:-1])
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    xa = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        if m and n == 0:
+            xa.zero_()  # no kernel runs; XA is still defined (only dA/dB of an N=0 layer would read it)
+        return y, xa
+    plan = plan or get_forward_plan()
+    xs, seq, sxb, sxm, sxk = rows_view(x)
+    rp = r_pad(r)
+    key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
+    interpret = configs.interpreting()
+
+    def run(cfg, xa_mode, count=True):
+        bm, bn, bk, group_m, num_warps, num_stages = cfg
+        grid = (triton.cdiv(m, bm) if xa_mode == 2 else triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _launch(
+            lora_fwd_kernel, grid,
+            xs, weight, bias if bias is not None else weight, lora_A, lora_B, y, xa,
+            m, n, k, r, seq,
+            sxb, sxm, sxk, weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), n, 1,
+            float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, XA_MODE=xa_mode, R_PAD=rp,
+            IEEE=x.dtype == torch.float32, INTERPRET=interpret,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+            count=count,
+        )  # fmt: skip
+
+    cands = configs.candidates("fwd", m, rp, str(x.dtype).split(".")[-1], _capability(x))
+    key = (configs.m_bucket(m), n, k, rp, x.dtype, bias is not None, dropout_p > 0)
+    with _device_guard(x):
+        modes = (0,) if plan == "fused" else (2, 1)
+        for mode in modes:
+            cfg = configs.choose(f"fwd{mode}", key, cands, lambda c, mode=mode: run(c, mode, count=False))
+            run(cfg, mode)
+    return y, xa
+
+
+# ---------------------------------------------------------------------------------------------- backward
+def lora_backward(
+    g, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, offset,
+    need_dx, need_da, need_db, need_dbias, deterministic,
+):  # fmt: skip
+    """``(dx, flat)``: dX (``x.shape``, x's dtype; empty when not needed) and the fp32 buffer of
+    ``grad_layout`` holding ``s·dA``, ``s·dB`` and ``db``. One launch; deterministic mode at most two."""
+    k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    m = math.prod(x.shape[:-1])
+    off_da, off_db, off_dbias, length = grad_layout(r, k, n, need_da, need_db, need_dbias)
+    dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
+    if m == 0 or not (need_dx or length):
+        return dx, torch.zeros(length, dtype=torch.float32, device=x.device)
+    if n == 0:  # G is empty: dX = 0 and every adapter/bias gradient is an empty sum
+        return dx.zero_(), torch.zeros(length, dtype=torch.float32, device=x.device)
+    gs, seq_g, sgb, sgm, sgn = rows_view(g)
+    xs, seq_x, sxb, sxm, sxk = rows_view(x)
+    dx2 = dx.view(m, k) if need_dx else dx
+    rp = r_pad(r)
+    key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
+    interpret = configs.interpreting()
+
+    def run(cfg, flat, stride_part, count=True):
+        bm, bn, bk, group_m, num_warps, num_stages = cfg
+
+        def seg(off):  # pointer into the gradient buffer, or any valid pointer for an unused one
+            return flat[off:] if off >= 0 else gs
+
+        grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
+        _launch(
+            lora_bwd_kernel, grid,
+            gs, xs, weight, lora_A, lora_B, xa, dx2 if need_dx else gs, seg(off_da), seg(off_db), seg(off_dbias),
+            m, n, k, r, seq_g, seq_x,
+            sgb, sgm, sgn, sxb, sxm, sxk, weight.stride(0), weight.stride(1),
+            lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+            k, 1, stride_part,
+            float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
+            NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias,
+            HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
+            IEEE=x.dtype == torch.float32, INTERPRET=interpret,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+            count=count,
+        )  # fmt: skip
+
+    cands = configs.candidates("bwd", m, rp, str(x.dtype).split(".")[-1], _capability(x))
+    key = (configs.m_bucket(m), n, k, rp, x.dtype, need_dx, need_da, need_db, need_dbias, deterministic)
+    with _device_guard(x):
+        # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums
+        bench = lambda c: run(c, torch.zeros(length, dtype=torch.float32, device=x.device), 0, count=False)
+        cfg = configs.choose("bwd", key, cands, bench)
+        tiles_m = triton.cdiv(m, cfg[0])
+        if not deterministic or tiles_m == 1 or length == 0:
+            # atomics into a zeroed buffer (deterministic with one row-tile: its stores are the full sums)
+            flat = torch.zeros(length, dtype=torch.float32, device=x.device)
+            run(cfg, flat, 0)
+            return dx, flat
+        part = torch.empty((tiles_m, length), dtype=torch.float32, device=x.device)
+        run(cfg, part[0], length)
+        flat = torch.empty(length, dtype=torch.float32, device=x.device)
+        block = 4096 if interpret else 1024
+        _launch(sum_partials_kernel, (triton.cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
+    return dx, flat

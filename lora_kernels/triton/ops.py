@@ -1,0 +1,108 @@
+"""``torch.library`` custom ops around the launchers, so ``torch.compile`` traces through the triton backend.
+
+    lora_kernels::triton_lora_fwd(x, weight, bias?, A, B, scale, p, seed, offset) -> (y, xa)
+    lora_kernels::triton_lora_bwd(g, x, weight, A, B, xa, scale, p, seed, offset, needs...) -> (dx, flat)
+
+Both have fake (meta) implementations; autograd is registered on the forward op. The backward op returns the
+adapter/bias gradients as one flat fp32 buffer (launch.grad_layout); the autograd formula splits it into views
+and casts to each parameter's dtype (a no-op for fp32 adapters). A trainable base weight gets
+``dW = Gᵀ X`` from a library GEMM (torch.mm), as DESIGN.md allows.
+
+The forward plan (fused/split) is read at call time from lora_kernels.triton.get_forward_plan(); it changes
+the number of launches, not the result's meaning (the two plans round XA identically).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import launch
+
+
+@torch.library.custom_op("lora_kernels::triton_lora_fwd", mutates_args=())
+def lora_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    # `deterministic` is unused here; it rides along so the autograd formula sees it without hidden state.
+    return launch.lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset)
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset, deterministic):
+    m = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_kernels::triton_lora_bwd", mutates_args=())
+def lora_bwd(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+    need_dbias: bool,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    return launch.lora_backward(
+        g, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, offset,
+        need_dx, need_da, need_db, need_dbias, deterministic,
+    )  # fmt: skip
+
+
+@lora_bwd.register_fake
+def _(g, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, offset, need_dx, need_da, need_db, need_dbias, det):
+    length = launch.grad_layout(lora_A.shape[0], x.shape[-1], weight.shape[0], need_da, need_db, need_dbias)[3]
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    return dx, x.new_empty((length,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset, deterministic = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.scalars = (scale, dropout_p, seed, offset)
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_y, grad_xa):
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+    need_dbias = need_dbias and ctx.bias_dtype is not None
+    r, k, n = lora_A.shape[0], x.shape[-1], weight.shape[0]
+    if grad_y is None:
+        grad_y = x.new_zeros((*x.shape[:-1], n))
+    dx, flat = lora_bwd(
+        grad_y, x, weight, lora_A, lora_B, xa, *ctx.scalars, need_dx, need_da, need_db, need_dbias, ctx.deterministic
+    )
+    off_da, off_db, off_dbias, _ = launch.grad_layout(r, k, n, need_da, need_db, need_dbias)
+    da = flat[off_da : off_da + r * k].view(r, k).to(lora_A.dtype) if need_da else None
+    db = flat[off_db : off_db + n * r].view(n, r).to(lora_B.dtype) if need_db else None
+    dbias = flat[off_dbias : off_dbias + n].to(ctx.bias_dtype) if need_dbias else None
+    dw = None
+    if need_dw:  # full fine-tuning: a library GEMM (DESIGN.md), not part of the fused launch budget
+        dw = (grad_y.reshape(-1, n).t() @ x.reshape(-1, k)).to(weight.dtype)
+    return (dx if need_dx else None), dw, dbias, da, db, None, None, None, None, None
+
+
+lora_fwd.register_autograd(_backward, setup_context=_setup_context)
