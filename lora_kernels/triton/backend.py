@@ -19,7 +19,10 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[b
     elif x.device.type != "cuda":
         return False, f"triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), got {x.device.type}"
     if x.dtype not in _DTYPES:
-        return False, f"triton kernels support float32/float16/bfloat16 activations, got {x.dtype} (use backend='torch')"
+        return (
+            False,
+            f"triton kernels support float32/float16/bfloat16 activations, got {x.dtype} (use backend='torch')",
+        )
     if lora_R is not None:
         return False, "lora_R (the subspace method's middle matrix) is not supported by the triton kernels"
     if lora_A.shape[0] > MAX_RANK:

@@ -126,9 +126,7 @@ def lora_bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     gb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     if NEED_DB:
-        xa = tl.load(
-            xa_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0
-        )
+        xa = tl.load(xa_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         xa = cast(xa * scale, dt, INTERPRET)
     for j in range(0, tl.cdiv(N, BLOCK_N)):
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -29,9 +29,19 @@ INTERPRET_CONFIG: Config = (64, 64, 64, 8, 4, 1)
 # forward tile = [BM, BN] of Y, K step BK; backward tile = [BM, BK] of dX, N step BN.
 _SM90 = {
     ("fwd", "small"): [(16, 64, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4), (16, 128, 128, 8, 4, 4)],
-    ("fwd", "large"): [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)],
+    ("fwd", "large"): [
+        (128, 128, 64, 8, 8, 3),
+        (128, 256, 64, 8, 8, 3),
+        (128, 128, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+    ],
     ("bwd", "small"): [(16, 64, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4)],
-    ("bwd", "large"): [(128, 64, 128, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4), (128, 128, 128, 8, 8, 3)],
+    ("bwd", "large"): [
+        (128, 64, 128, 8, 8, 3),
+        (128, 64, 64, 8, 4, 4),
+        (64, 64, 128, 8, 4, 4),
+        (128, 128, 128, 8, 8, 3),
+    ],
 }
 _SM80 = {key: [(bm, bn, bk, g, w, min(s, 3)) for bm, bn, bk, g, w, s in rows] for key, rows in _SM90.items()}
 # fp32 activations use IEEE fp32 products (no tensor cores): smaller tiles, fewer stages.
