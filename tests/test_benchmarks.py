@@ -1,0 +1,161 @@
+"""The benchmark code itself, on CPU at tiny sizes: every provider runs, the CSV has the expected columns, the
+table and the plot are produced, a wrong provider is flagged, and the device-check script's dry run passes.
+No timing is asserted (CPU timings on shared machines are noise)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_lora, providers, report, timing  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# triton is left out here: its kernels are tested in their own files; the dry run below exercises it on GPU hosts.
+PROVIDERS = "base,peft,addmm,torch,cuda"
+LORA_PROVIDERS = ["peft", "addmm", "torch"]
+
+
+def _run(tmp_path, *extra) -> tuple[int, list[dict], Path, Path, Path]:
+    csv_path, md, png = tmp_path / "b.csv", tmp_path / "b.md", tmp_path / "b.png"
+    argv = ["--preset", "dry-run", "--providers", PROVIDERS, "--M", "5,9", "--shapes", "24x40", "--r", "3"]
+    argv += ["--dtype", "fp32", "--dropout", "0,0.25", "--min-rounds", "2", "--max-rounds", "2"]
+    argv += ["--csv", str(csv_path), "--md", str(md), "--plot", str(png), *extra]
+    rc = bench_lora.main(argv)
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rc, rows, csv_path, md, png
+
+
+def test_every_provider_runs_and_outputs_are_written(tmp_path, capsys):
+    rc, rows, csv_path, md, png = _run(tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    with csv_path.open(newline="") as f:
+        assert next(csv.reader(f)) == bench_lora.COLUMNS
+    assert "skip cuda:" in out  # an unavailable backend is named with its reason, never dropped silently
+    got = {(r["provider"], r["mode"], r["M"], r["dropout"]) for r in rows}
+    want = {
+        (p, m, M, d)
+        for p in ["base", *LORA_PROVIDERS]
+        for m in bench_lora.MODES
+        for M in ("5", "9")
+        for d in ("0.0", "0.25")
+    }
+    assert got == want
+    for r in rows:
+        assert r["device"].startswith("CPU") and r["torch_version"] == torch.__version__ and r["run_id"]
+        if r["mode"] == "memory":
+            assert r["saved_bytes"] != "" and r["median_ms"] == ""
+        else:
+            assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"])
+            assert float(r["tflops"]) > 0
+            if r["provider"] == "base":
+                assert float(r["ratio_to_base"]) == 1.0
+        if r["provider"] in LORA_PROVIDERS:
+            assert r["check"].startswith("ok"), r
+            assert float(r["max_err"]) <= float(r["tol"])
+        else:
+            assert r["check"] == "n/a"
+    text = md.read_text()
+    for name in ["base", *LORA_PROVIDERS]:
+        assert f" {name} |" in text
+    assert "fwd+bwd: ms" in text and "MISMATCH" not in text
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_saved_bytes_follow_the_design(tmp_path):
+    """base saves no activation; the torch backend never saves a second M x K tensor, PEFT does with dropout."""
+    rc, rows, *_ = _run(tmp_path, "--modes", "memory")
+    assert rc == 0
+    mem = {(r["provider"], r["M"], r["dropout"]): int(r["saved_bytes"]) for r in rows}
+    for M in ("5", "9"):
+        m, k, rank = int(M), 24, 3
+        assert mem[("base", M, "0.0")] == 0
+        for d in ("0.0", "0.25"):
+            assert mem[("torch", M, d)] <= m * k * 4 + m * rank * 4 + 64  # X and XA (fp32), nothing M x K more
+        # PEFT with dropout keeps the dropped copy of X (fp32) and the mask (bool) besides X itself
+        assert mem[("peft", M, "0.25")] >= m * k * 4 + m * k > mem[("torch", M, "0.25")]
+
+
+def test_mismatch_is_flagged_and_fails(tmp_path, monkeypatch, capsys):
+    good = providers.build_addmm
+
+    def wrong_scale(inp, case):
+        b = good(inp, case)
+        fwd = b.forward
+        b.forward = lambda x: fwd(x) * 1.01  # a 1% error: far below O(1), far above rounding
+        return b
+
+    monkeypatch.setattr(providers, "build_addmm", wrong_scale)
+    rc, rows, _, md, _ = _run(tmp_path, "--modes", "fwd")
+    assert rc == 1
+    assert all(r["check"].startswith("MISMATCH") for r in rows if r["provider"] == "addmm")
+    assert all(r["check"].startswith("ok") for r in rows if r["provider"] == "torch")
+    assert "MISMATCH" in md.read_text()
+    assert "CORRECTNESS/RUN FAILURE" in capsys.readouterr().out
+
+
+def test_report_cli_from_csv(tmp_path):
+    rc, _, csv_path, _, _ = _run(tmp_path, "--modes", "fwd+bwd,memory")
+    assert rc == 0
+    bench_lora.main(["--preset", "dry-run", "--providers", "base,torch", "--M", "3", "--shapes", "8x8", "--r", "2",
+                     "--dtype", "fp32", "--modes", "fwd", "--min-rounds", "2", "--max-rounds", "2",
+                     "--csv", str(csv_path), "--md", str(tmp_path / "x.md"), "--plot", "none"])  # fmt: skip
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert report.main([str(csv_path), "--md", str(md), "--plot", str(png)]) == 0
+    latest = md.read_text()
+    assert "| 3 | 8->8 |" in latest and "24->40" not in latest  # only the latest run by default
+    assert report.main([str(csv_path), "--md", str(md), "--all-runs"]) == 0
+    assert "24->40" in md.read_text()
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_csv_with_other_columns_is_refused(tmp_path):
+    p = tmp_path / "old.csv"
+    p.write_text("provider,median_ms\nbase,1.0\n")
+    with pytest.raises(SystemExit, match="header differs"):
+        bench_lora.append_csv(p, [{"provider": "base"}])
+
+
+def test_timing_stats_and_interleaving():
+    s = timing.stats_of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.median_ms, s.p20_ms, s.p80_ms, s.n) == (3.0, 1.8, 4.2, 5)
+    order = []
+    jobs = {n: timing.CpuJob(lambda n=n: order.append(n)) for n in "abc"}
+    res = timing.bench_cpu_interleaved(jobs, warmup=1, min_rounds=3, max_rounds=3, target_s=0)
+    assert order[3:] == list("abcbcacab")  # after one warm-up each: rotated rounds
+    assert all(r.n == 3 for r in res.values())
+
+
+def test_flops_count():
+    c = providers.Case(M=2, K=3, N=5, r=7)
+    assert bench_lora.flops(c, "fwd", False) == 2 * 2 * 3 * 5
+    assert bench_lora.flops(c, "fwd", True) == 2 * 2 * 3 * 5 + 2 * 2 * 7 * (3 + 5)
+    assert bench_lora.flops(c, "fwd+bwd", True) == 2 * (2 * 2 * 3 * 5) + 3 * (2 * 2 * 7 * (3 + 5))
+
+
+@pytest.mark.timeout(120)
+def test_device_check_dry_run(tmp_path):
+    """The GPU lease's script runs end to end on CPU (build and GPU tests are left to the full dry run)."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    env["DC_BENCH_ARGS"] = f"--providers {PROVIDERS} --M 4 --dropout 0,0.1"
+    res = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--cpu-dry-run", "--steps", "info,sanitize,bench"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["bench.csv", "bench.md", "bench.png", "device_check.log"]
+    assert "DEVICE CHECK PASSED" in res.stdout
+    table_last = (tmp_path / "out" / "bench.md").read_text().rstrip().splitlines()[-1]
+    assert res.stdout.rstrip().splitlines()[-1] == table_last  # the table is printed last
