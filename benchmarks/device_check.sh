@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     --cpu-dry-run) DRY=1 ;;
     --steps) STEPS="$2"; shift ;;
     --steps=*) STEPS="${1#--steps=}" ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
