@@ -1,0 +1,48 @@
+"""``lora-kernels`` console script. Subcommands: ``sft`` (supervised fine-tuning, see ``lora_kernels.sft``)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: lora-kernels <command> [options]
+
+commands:
+  sft     supervised fine-tuning (LoRA or full) of a causal LM; `lora-kernels sft --help` lists every option
+"""
+
+
+def _sft(argv: list[str]) -> int:
+    from lora_kernels.sft.config import ConfigError, config_from_argv, help_text
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    from lora_kernels.sft.checkpoint import CheckpointError
+    from lora_kernels.sft.data import DataError
+    from lora_kernels.sft.modeling import ModelError
+
+    try:
+        cfg = config_from_argv(argv)
+        from lora_kernels.sft.train import run_sft
+
+        run_sft(cfg)
+    except (ConfigError, DataError, ModelError, CheckpointError) as e:
+        print(f"lora-kernels sft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "sft":
+        return _sft(rest)
+    print(f"lora-kernels: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""The SFT loop: ``run_sft(cfg)`` fine-tunes a causal LM with LoRA (our ``LoRALinear``) or full fine-tuning.
+
+Order of work, so that every bad input fails before any training starts::
+
+    validate config -> check run folder / resume checkpoint (manifest, sha256, config fingerprint)
+    -> seeds -> model + tokenizer -> data (DataError) -> LoRA injection (target modules must exist)
+    -> optimizer (AdamW, decay / no-decay groups) + warmup-cosine schedule -> restore checkpoint
+    -> eval + sample generations "before" -> train steps (eval / checkpoint every N) -> eval + samples "after"
+    -> adapter / merged / full-model export, loss.png, summary.json
+
+Loss normalisation: every optimizer step sums the token cross-entropy over all micro-batches and divides by the
+number of target tokens of the *whole* step, so ``grad_accum=k, batch_size=b`` computes the same gradient as
+``grad_accum=1, batch_size=k*b`` (up to summation order), and packed and padded batches of the same examples give
+the same loss.
+
+Hooks kept in one place for multi-process / memory work (issue 7): :func:`compute_loss_sum` (the only place logits
+meet labels), :func:`wrap_model` (the only place the model may be wrapped), :func:`is_main_process` (only rank 0
+writes files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import ConfigError, SFTConfig, dump_yaml, resume_fingerprint
+from .data import IGNORE_INDEX, SFTData, collate, prepare_data
+
+# Test hook (tests/test_sft_train.py): after logging this step, sleep so the test can SIGKILL a run mid-way at a
+# known point. Read once at import; unset in normal use.
+_PAUSE_AT_STEP = os.environ.get("LORA_KERNELS_SFT_PAUSE_AT_STEP")
+
+
+def is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: SFTConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config field 'device': {cfg.device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_precision(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32)."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config field 'precision': bf16 autocast needs a GPU with bf16 support; use fp32")
+    return torch.bfloat16
+
+
+def _backend_label(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    from lora_kernels import backend_info
+
+    info = backend_info()
+    ok = [b for b in info["auto_preference"].get(device.type, []) if info["backends"].get(b, {}).get("available")]
+    return f"auto -> {ok[0] if ok else 'none available'} on {device.type}"
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model setup
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def apply_method(model, cfg: SFTConfig) -> dict:
+    """Make the right parameters trainable. Returns counts for the summary."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        n = sum(p.numel() for p in model.parameters())
+        return {"trainable_params": n, "total_params": n, "lora_modules": 0}
+    from lora_kernels.inject import apply_lora
+
+    try:
+        report = apply_lora(
+            model,
+            target_modules=cfg.target_modules,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            use_rslora=cfg.use_rslora,
+            exclude_modules=cfg.exclude_modules,
+            modules_to_save=cfg.modules_to_save,
+            backend=None if cfg.backend == "auto" else cfg.backend,
+            deterministic=cfg.deterministic,
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"LoRA injection failed for target_modules={cfg.target_modules!r}: {e}") from e
+    if not report.replaced:
+        raise ConfigError(f"target_modules={cfg.target_modules!r} matched no nn.Linear module of the model")
+    return {
+        "trainable_params": report.trainable_params,
+        "total_params": report.total_params,
+        "lora_modules": len(report.replaced),
+    }
+
+
+def wrap_model(model, cfg: SFTConfig, device: torch.device):
+    """Place the model for training. The single hook for gradient checkpointing / DDP / FSDP wrappers."""
+    return model.to(device)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norm weights and embeddings (as HF Trainer does)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name.lower() or "embed" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    return groups
+
+
+def lr_lambda(cfg: SFTConfig, total_steps: int):
+    """Linear warmup to 1 over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``total_steps``."""
+    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss, eval, generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def compute_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of token cross-entropies over the batch's targets (fp32 scalar). The one place logits meet labels."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    logits = out.logits
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        batch["targets"].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def evaluate(model, rows, cfg: SFTConfig, pad_id: int, device, amp_dtype) -> dict:
+    if not rows:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), cfg.eval_batch_size):
+        batch = _to_device(collate(rows[i : i + cfg.eval_batch_size], pad_id), device)
+        with autocast_ctx(device, amp_dtype):
+            total += float(compute_loss_sum(model, batch))
+        count += batch["n_targets"]
+    model.train(was_training)
+    loss = total / count
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, cfg: SFTConfig, device, amp_dtype) -> list[dict]:
+    if not cfg.sample_prompts or cfg.max_new_tokens == 0:
+        return []
+    was_training = model.training
+    model.eval()
+    out = []
+    for prompt in cfg.sample_prompts:
+        msgs = [{"role": "user", "content": prompt}]
+        if cfg.system_prompt:
+            msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+        with autocast_ctx(device, amp_dtype):
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        reply = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        out.append({"prompt": prompt, "reply": reply})
+    model.train(was_training)
+    return out
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    out = {"peak_rss_mib": round(rss_mib, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line (``type`` = train | eval), flushed per line."""
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard_dir: Path | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            # drop what a killed run logged after its last checkpoint: the resumed run logs those steps again
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif path.exists():
+            path.unlink()
+        self.f = path.open("a")
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "type") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{rec['type']}/{k}", v, rec["step"])
+
+    def records(self) -> list[dict]:
+        self.f.flush()
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(records: list[dict], path: Path, log) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed; loss.png not written (pip install matplotlib)")
+        return False
+    train = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r["type"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StepSampler:
+    """Rows for optimizer step ``s``: epoch ``s // steps_per_epoch`` visits rows in a ``torch.randperm`` order seeded
+    with ``seed + epoch``; step ``s`` takes the next ``rows_per_step`` of it (a tail that does not fill a step is
+    skipped). Depends only on (seed, s), which makes resume exact and ``k x b`` accumulation see the same rows as
+    one batch of ``k*b``."""
+
+    def __init__(self, n_rows: int, rows_per_step: int, seed: int):
+        self.n_rows, self.rows_per_step, self.seed = n_rows, rows_per_step, seed
+        self.steps_per_epoch = n_rows // rows_per_step
+        self._epoch, self._perm = None, None
+
+    def rows(self, step: int) -> tuple[int, list[int]]:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(
+                self.n_rows, generator=torch.Generator().manual_seed(self.seed + epoch)
+            ).tolist()
+            self._epoch = epoch
+        return epoch, self._perm[j * self.rows_per_step : (j + 1) * self.rows_per_step]
+
+
+def _prepare_run_dir(cfg: SFTConfig) -> tuple[Path, Path | None, dict | None]:
+    """Check the run folder and the resume checkpoint before anything heavy is loaded."""
+    run_dir = cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.resume is not None:
+        path = ckpt.resolve_resume(cfg.resume, ckpt_root)
+        state = ckpt.verify_checkpoint(path)
+        ckpt.check_fingerprint(path, state, resume_fingerprint(cfg))
+        return run_dir, path, state
+    if ckpt.list_checkpoints(ckpt_root):
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"run folder {run_dir} already holds checkpoints: pass --resume to continue it, "
+                "--overwrite to start again, or --name to use another folder"
+            )
+        shutil.rmtree(ckpt_root)
+    return run_dir, None, None
+
+
+def run_sft(cfg: SFTConfig, log=print) -> dict:
+    """Run one SFT job as configured; returns the summary dict (also written to ``<run_dir>/summary.json``)."""
+    cfg.validate()
+    t_start = time.time()
+    main = is_main_process()
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("tensorboard: true needs the 'tensorboard' package (pip install tensorboard)") from None
+    run_dir, resume_path, resume_state = _prepare_run_dir(cfg)
+    device = resolve_device(cfg)
+    amp_dtype = resolve_precision(cfg, device)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+
+    from .modeling import load_model
+
+    t0 = time.time()
+    model, tokenizer = load_model(cfg.model)
+    log(f"model {cfg.model}: {type(model).__name__} loaded in {time.time() - t0:.1f} s")
+    data: SFTData = prepare_data(cfg, tokenizer, log=log)
+    st = data.stats
+    log(
+        f"data {cfg.dataset}: {st.n_conversations} conversations -> {st.n_train} train / {st.n_eval} eval examples, "
+        f"{st.n_train_rows} train rows{' (packed)' if cfg.packing else ''}; truncated to max_len={cfg.max_len}: "
+        f"{st.n_truncated}; dropped (no assistant token left): {st.n_dropped_no_target}; longest: {st.max_example_len}"
+    )
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    sampler = StepSampler(len(data.train_rows), rows_per_step, cfg.seed)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size * grad_accum = {rows_per_step} rows per step, but the training set has only "
+            f"{len(data.train_rows)} rows"
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * sampler.steps_per_epoch))
+    counts = apply_method(model, cfg)
+    model = wrap_model(model, cfg, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        foreach=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    log(
+        f"method {cfg.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
+        f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); device {device}, "
+        f"precision {'bf16 autocast' if amp_dtype else 'fp32'}"
+        + (f", lora backend {_backend_label(cfg.backend, device)}" if cfg.method == "lora" else "")
+    )
+
+    start_step, history = 0, {}
+    if resume_path is not None:
+        files = ckpt.load_checkpoint_files(resume_path)
+        ckpt.load_trainable_into(model, files["trainable"], resume_path)
+        try:
+            optimizer.load_state_dict(files["optimizer"])
+            scheduler.load_state_dict(files["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {resume_path}: optimizer/scheduler state does not fit: {e}") from e
+        ckpt.restore_rng_state(files["rng"])
+        start_step = resume_state["step"]
+        history = resume_state.get("history", {})
+        log(f"resumed from {resume_path} at step {start_step}/{total_steps}")
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+    metrics = (
+        MetricsLog(
+            run_dir / "metrics.jsonl",
+            start_step if resume_path is not None else None,
+            run_dir / "tensorboard" if cfg.tensorboard else None,
+        )
+        if main
+        else None
+    )
+    pad_id = tokenizer.pad_token_id
+
+    if resume_path is None:
+        before = evaluate(model, data.eval_rows, cfg, pad_id, device, amp_dtype)
+        if before:
+            log(f"eval before training: loss {before['eval_loss']:.4f}, ppl {before['eval_ppl']:.2f}")
+            if metrics:
+                metrics.write({"type": "eval", "step": 0, **before})
+        history = {"eval_before": before, "samples_before": generate_samples(model, tokenizer, cfg, device, amp_dtype)}
+        history["train_time_s"], history["train_tokens"] = 0.0, 0
+        for s in history["samples_before"]:
+            log(f"  [before] {s['prompt']!r} -> {s['reply']!r}")
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a core dependency; this only guards stripped installs
+        tqdm = None
+    bar = (
+        tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True, disable=not (cfg.progress and main))
+        if tqdm
+        else None
+    )
+    say = bar.write if bar is not None else log
+
+    model.train()
+    train_time, train_tokens = history.get("train_time_s", 0.0), history.get("train_tokens", 0)
+    last_eval = None
+    for step in range(start_step, total_steps):
+        t_step = time.time()
+        epoch, row_ids = sampler.rows(step)
+        rows = [data.train_rows[i] for i in row_ids]
+        micro = [collate(rows[i : i + cfg.batch_size], pad_id) for i in range(0, len(rows), cfg.batch_size)]
+        n_targets = sum(mb["n_targets"] for mb in micro)
+        n_tokens = sum(len(ex) for row in rows for ex in row)
+        loss_sum = 0.0
+        for mb in micro:
+            mb = _to_device(mb, device)
+            with autocast_ctx(device, amp_dtype):
+                ls = compute_loss_sum(model, mb)
+            (ls / n_targets).backward()
+            loss_sum += float(ls.detach())
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None]))
+        lr_now = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t_step
+        train_time += dt
+        train_tokens += n_tokens
+        loss = loss_sum / n_targets
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss}; stopping (lower lr, or check the data)")
+        rec = {
+            "type": "train",
+            "step": step + 1,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr_now,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "target_tokens": n_targets,
+            "tokens_per_s": n_tokens / dt,
+            "step_time_s": dt,
+        }
+        if metrics:
+            metrics.write(rec)
+        if _PAUSE_AT_STEP is not None and step + 1 == int(_PAUSE_AT_STEP):
+            time.sleep(3600)  # test hook: hold here so a test can SIGKILL the process at a known step
+        if bar is not None:
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{train_tokens / train_time:.0f}")
+        done = step + 1 == total_steps
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+            last_eval = evaluate(model, data.eval_rows, cfg, pad_id, device, amp_dtype)
+            if last_eval:
+                say(f"step {step + 1}: eval loss {last_eval['eval_loss']:.4f}, ppl {last_eval['eval_ppl']:.2f}")
+                if metrics:
+                    metrics.write({"type": "eval", "step": step + 1, **last_eval})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and main:
+            history["train_time_s"], history["train_tokens"] = train_time, train_tokens
+            ckpt.save_checkpoint(
+                run_dir / "checkpoints",
+                step + 1,
+                trainable={n: p for n, p in model.named_parameters() if p.requires_grad},
+                optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(),
+                trainer_state={
+                    "epoch": epoch,
+                    "rows_consumed": (step + 1) * rows_per_step,
+                    "total_steps": total_steps,
+                    "fingerprint": resume_fingerprint(cfg),
+                    "history": history,
+                },
+                keep_last=cfg.keep_last,
+            )
+    if bar is not None:
+        bar.close()
+
+    after = evaluate(model, data.eval_rows, cfg, pad_id, device, amp_dtype)
+    if after and metrics:
+        metrics.write({"type": "eval", "step": total_steps, **after})
+    samples_after = generate_samples(model, tokenizer, cfg, device, amp_dtype)
+
+    outputs = {}
+    if main:
+        from .export import export_adapter, export_merged, save_hf_folder
+
+        if cfg.method == "lora":
+            outputs["adapter"] = str(export_adapter(model, run_dir / "adapter", base_model_name_or_path=cfg.model))
+            if cfg.merge:
+                outputs["merged"] = str(export_merged(model, tokenizer, run_dir / "merged"))
+        else:
+            outputs["model"] = str(save_hf_folder(model, tokenizer, run_dir / "model"))
+            if cfg.merge:
+                log("note: --merge has nothing to merge with method=full; the model is in model/")
+        if metrics and cfg.plot and plot_losses(metrics.records(), run_dir / "loss.png", log):
+            outputs["loss_plot"] = str(run_dir / "loss.png")
+
+    before = history.get("eval_before", {})
+    summary = {
+        "run_dir": str(run_dir),
+        "model": cfg.model,
+        "method": cfg.method,
+        **counts,
+        "steps": total_steps,
+        "resumed_from_step": start_step if resume_path is not None else None,
+        "train_examples": st.n_train,
+        "eval_examples": st.n_eval,
+        "truncated_examples": st.n_truncated,
+        "dropped_examples": st.n_dropped_no_target,
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss_after": after.get("eval_loss"),
+        "eval_ppl_before": before.get("eval_ppl"),
+        "eval_ppl_after": after.get("eval_ppl"),
+        "train_tokens": train_tokens,
+        "train_time_s": round(train_time, 2),
+        "tokens_per_s": round(train_tokens / train_time, 1) if train_time > 0 else None,
+        "wall_time_s": round(time.time() - t_start, 1),
+        **peak_memory(device),
+        "device": str(device),
+        "precision": "bf16-autocast" if amp_dtype else "fp32",
+        "torch_threads": torch.get_num_threads(),
+        "samples_before": history.get("samples_before", []),
+        "samples_after": samples_after,
+        "outputs": outputs,
+    }
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if metrics:
+            metrics.close()
+    _print_summary(summary, log)
+    return summary
+
+
+def _print_summary(s: dict, log) -> None:
+    def fmt(x, spec=".4f"):
+        return "n/a" if x is None else format(x, spec)
+
+    log("=" * 78)
+    log(f"SFT summary ({s['method']}, {s['model']}) -> {s['run_dir']}")
+    log(f"  trainable params : {s['trainable_params']:,} / {s['total_params']:,}")
+    log(f"  steps            : {s['steps']}  ({s['train_examples']} train / {s['eval_examples']} eval examples)")
+    log(f"  eval loss        : {fmt(s['eval_loss_before'])} -> {fmt(s['eval_loss_after'])}")
+    log(f"  eval perplexity  : {fmt(s['eval_ppl_before'], '.2f')} -> {fmt(s['eval_ppl_after'], '.2f')}")
+    log(
+        f"  tokens/s (train) : {fmt(s['tokens_per_s'], '.1f')}  ({s['train_tokens']:,} tokens in {s['train_time_s']} s)"
+    )
+    mem = f"{s['peak_rss_mib']:.0f} MiB RSS"
+    if "peak_cuda_allocated_mib" in s:
+        mem += f", {s['peak_cuda_allocated_mib']:.0f} MiB CUDA allocated"
+    log(f"  peak memory      : {mem}")
+    log(f"  wall time        : {s['wall_time_s']} s")
+    for before, after in zip(s["samples_before"], s["samples_after"]):
+        log(f"  prompt: {before['prompt']!r}")
+        log(f"    before: {before['reply']!r}")
+        log(f"    after : {after['reply']!r}")
+    for k, v in s["outputs"].items():
+        log(f"  {k:<17}: {v}")
+    log("=" * 78)
