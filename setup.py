@@ -1,9 +1,108 @@
 """Build script: pure-Python package, plus the optional CUDA extension (lora_kernels._C) when nvcc is found.
 
 The native build never breaks install: no nvcc, or LORA_KERNELS_SKIP_CUDA=1, prints one line and installs the
-Python package alone. See csrc/README.md for the extension's build options.
+Python package alone (so `pip install -e .` stays fast). Otherwise CMake (CMakeLists.txt) builds the torch-free
+pybind11 module with nvcc, Ninja and a static cudart. Environment:
+
+    LORA_KERNELS_SKIP_CUDA=1           skip the extension
+    LORA_KERNELS_CUDA_ARCHS="80;90"    CMAKE_CUDA_ARCHITECTURES (default "80;90"; e.g. "90" on an H100/H200 only)
+    LORA_KERNELS_BUILD_JOBS=N          parallel compile jobs (default: CPU count)
+    CUDACXX / CUDA_HOME                which nvcc to use
+
+One command builds it in place (what CI and the GPU check run; see csrc/README.md)::
+
+    python setup.py build_ext --inplace          # or: pip install -e . --no-build-isolation
 """
 
-from setuptools import setup
+from __future__ import annotations
 
-setup()
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_nvcc() -> str | None:
+    candidates = [os.environ.get("CUDACXX")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "nvcc"))
+    candidates.append(shutil.which("nvcc"))
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _cmake_and_generator() -> tuple[str, list[str]]:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        try:
+            import cmake as cmake_mod  # pip's cmake wheel
+
+            cmake = os.path.join(cmake_mod.CMAKE_BIN_DIR, "cmake")
+        except ImportError as exc:
+            raise RuntimeError("building lora_kernels._C needs CMake >= 3.24 (pip install cmake)") from exc
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        try:
+            import ninja as ninja_mod
+
+            ninja = os.path.join(ninja_mod.BIN_DIR, "ninja")
+        except ImportError:
+            ninja = None
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    return cmake, gen
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake, gen = _cmake_and_generator()
+        archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", "80;90")
+        cfg = [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            *gen,
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_COMPILER={_find_nvcc()}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-DLORA_KERNELS_OUTPUT_DIR={out_dir}",
+        ]
+        jobs = os.environ.get("LORA_KERNELS_BUILD_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(cfg, check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+
+
+def _ext_modules() -> list[Extension]:
+    if os.environ.get("LORA_KERNELS_SKIP_CUDA") == "1":
+        print("lora_kernels: LORA_KERNELS_SKIP_CUDA=1, installing the pure-Python package (no lora_kernels._C)")
+        return []
+    if _find_nvcc() is None:
+        print("lora_kernels: nvcc not found, installing the pure-Python package (no lora_kernels._C)")
+        return []
+    return [CMakeExtension("lora_kernels._C")]
+
+
+_exts = _ext_modules()
+setup(ext_modules=_exts, cmdclass={"build_ext": CMakeBuild} if _exts else {})

@@ -1,0 +1,355 @@
+// Fused LoRA backward. With G = dY [M, N] (DESIGN.md):
+//
+//   GB = G B            [M, r]     dX = G W + s · (GB A) ⊙ Z          dA = s · GBᵀ (X ⊙ Z)
+//   dB = s · Gᵀ XA      [N, r]     db = Σ_rows G
+//
+// Kernel 1 (lora_bwd_kernel), grid (cdiv(M, BM), cdiv(K, BKX)); a block of 8 warps owns the [BM=64, BKX=128]
+// tile of dX and streams G along all of N in chunks of BNR=32:
+//
+//   [column 0 only] XAs <- XA[m0:m0+64, :]                       (fp32)
+//   for n0 in 0..N step 32:
+//       Gs  <- G[m0:m0+64, n0:n0+32]                              strided (stride_g_m, stride_g_n), predicated
+//       WsT <- W[n0:n0+32, k0:k0+128]ᵀ                            (skipped when dX is not needed)
+//       Bts <- B[n0:n0+32, 0:RP]ᵀ                                 RP = r rounded up to 16
+//       acc   += Gs · WsT         warp (wm, wn) of the 2x4 warp grid: rows 32*wm.., cols 32*wn.. (2x2 frags)
+//       accGB += Gs · Bts         [64, RP] fragments dealt round-robin to the 8 warps; GB is complete after the loop
+//       [column 0 only] dB[n0:n0+32, :] += s · Gsᵀ XAs ; db[n0:n0+32] += Σ Gs   (fp32 SIMT, then atomics / partials)
+//   epilogue (fp32, SIMT):
+//       Cs <- acc, GBs <- accGB
+//       dX = Cs + s · (GBs A[:, k0:k0+128]) ⊙ Z / (1-p)           A streamed in chunks of 32 ranks; cast at store
+//       Xd <- X ⊙ Z / (1-p) tile (the mask regenerated from (seed, offset, m*K + k), never loaded)
+//       dA[:, k0:k0+128] += s · GBsᵀ Xd
+//
+// Reductions over the M-tiles (dA, dB, db) go one of two ways:
+//   * atomic mode (default): fp32 atomicAdd into a zeroed workspace. A per-column counter finds the last block
+//     of each dA column tile / dB row chunk, which casts that slice to the output dtype: one launch in all.
+//   * deterministic mode: every M-tile writes its own partial slice (no atomics); kernel 2 (lora_bwd_reduce)
+//     sums the partials in a fixed order and casts: two launches, bit-reproducible.
+#include <algorithm>
+
+#include "lora_common.cuh"
+
+namespace lora {
+namespace {
+
+constexpr int BM = 64, BKX = 128, BNR = 32;
+constexpr int LDT = BNR + 8;  // 16-bit WMMA ld % 8 == 0
+constexpr int LDC = BKX + 4;  // fp32 staging, ld % 4 == 0
+constexpr int JC = 32;        // rank chunk of A staged in the epilogue
+constexpr int kMaxGbFrags = 8;
+
+struct BwdSmem {
+  size_t gs, wst, bts, main_end;  // main loop, T
+  size_t cs, ac, epi_end;         // epilogue fp32 (aliases the main region); Cs later holds the Xd tile
+  size_t xas, total;              // XA (loop, column 0) then GB (epilogue), fp32 [BM, RP + 4]
+};
+
+template <typename T>
+BwdSmem bwd_smem_layout(int rp) {
+  BwdSmem s;
+  s.gs = 0;
+  s.wst = s.gs + align128(sizeof(T) * BM * LDT);
+  s.bts = s.wst + align128(sizeof(T) * BKX * LDT);
+  s.main_end = s.bts + align128(sizeof(T) * rp * LDT);
+  s.cs = 0;
+  s.ac = s.cs + align128(sizeof(float) * BM * LDC);
+  s.epi_end = s.ac + align128(sizeof(float) * JC * BKX);
+  s.xas = std::max(s.main_end, s.epi_end);
+  s.total = s.xas + align128(sizeof(float) * BM * (rp + 4));
+  return s;
+}
+
+// Workspace layout (fp32 elements), shared by the kernel, the launcher and bwd_workspace_bytes.
+struct BwdWs {
+  int64_t tiles_m, da, dbm, dbias, cnt_k, cnt_n, total_floats;
+};
+
+BwdWs bwd_ws_layout(int64_t M, int64_t N, int64_t K, int64_t r, bool det) {
+  BwdWs w;
+  w.tiles_m = cdiv(M, BM);
+  const int64_t copies = det ? w.tiles_m : 1;  // deterministic: one partial slice per M-tile
+  w.da = 0;
+  w.dbm = w.da + copies * r * K;
+  w.dbias = w.dbm + copies * N * r;
+  w.cnt_k = w.dbias + copies * N;  // atomic mode only: uint32 counters
+  w.cnt_n = w.cnt_k + (det ? 0 : cdiv(K, BKX));
+  w.total_floats = w.cnt_n + (det ? 0 : cdiv(N, BNR));
+  return w;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_t(const T* p, int64_t i, int64_t j, int64_t rows, int64_t cols, int64_t si,
+                                    int64_t sj) {
+  return (i < rows && j < cols) ? p[i * si + j * sj] : from_f32<T>(0.0f);
+}
+
+// Block-wide "am I the last of `expected` arrivals at *counter?" after this block's atomics (threadfence reduction).
+__device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int expected, bool* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(counter, 1u) == expected - 1;
+  __syncthreads();
+  if (*flag) __threadfence();
+  return *flag;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lora_bwd_kernel(const BwdParams p, const BwdSmem L, const BwdWs W,
+                                                            const int rp) {
+  using Mma = WarpMma<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ bool last_flag;
+  T* Gs = reinterpret_cast<T*>(smem + L.gs);
+  T* WsT = reinterpret_cast<T*>(smem + L.wst);
+  T* Bts = reinterpret_cast<T*>(smem + L.bts);
+  float* XAs = reinterpret_cast<float*>(smem + L.xas);  // GBs after the loop
+  const int ldx = rp + 4;
+
+  const T* __restrict__ g = static_cast<const T*>(p.g);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  float* ws = static_cast<float*>(p.ws);
+  const int64_t M = p.M, N = p.N, K = p.K, r = p.r;
+  const int64_t mt = blockIdx.x, m0 = mt * BM, k0 = int64_t(blockIdx.y) * BKX;
+  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+  const int n_gb_frags = 4 * (rp / 16);
+  const bool do_dx = p.dx != nullptr, col0 = blockIdx.y == 0, det = p.deterministic;
+  const int adt = p.adapter_dtype;
+
+  typename Mma::Acc acc[2][2], acc_gb[kMaxGbFrags];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) Mma::zero(acc[i][j]);
+#pragma unroll
+  for (int f = 0; f < kMaxGbFrags; ++f) Mma::zero(acc_gb[f]);
+
+  if (col0) {
+    for (int e = tid; e < BM * rp; e += kThreads) {
+      const int i = e / rp, j = e % rp;
+      XAs[i * ldx + j] = (m0 + i < M && j < r) ? p.xa[(m0 + i) * r + j] : 0.0f;
+    }
+  }
+
+  for (int64_t n0 = 0; n0 < N; n0 += BNR) {
+    for (int e = tid; e < BM * BNR; e += kThreads) {
+      const int i = e / BNR, nn = e % BNR;
+      Gs[i * LDT + nn] = load_t(g, m0 + i, n0 + nn, M, N, p.stride_g_m, p.stride_g_n);
+    }
+    if (do_dx) {
+      for (int e = tid; e < BNR * BKX; e += kThreads) {
+        const int nn = e / BKX, kk = e % BKX;
+        WsT[kk * LDT + nn] = load_t(w, n0 + nn, k0 + kk, N, K, K, int64_t(1));
+      }
+    }
+    for (int e = tid; e < BNR * rp; e += kThreads) {
+      const int nn = e / rp, j = e % rp;
+      const int64_t n = n0 + nn;
+      Bts[j * LDT + nn] = from_f32<T>((n < N && j < r) ? load_dyn(p.b, n * r + j, adt) : 0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BNR; kk += 16) {
+      if (do_dx) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            Mma::mma(acc[i][j], Gs + (wm * 32 + i * 16) * LDT + kk, LDT, WsT + (wn * 32 + j * 16) * LDT + kk, LDT);
+      }
+#pragma unroll
+      for (int f = 0; f < kMaxGbFrags; ++f) {
+        const int fi = warp + 8 * f;
+        if (fi < n_gb_frags) Mma::mma(acc_gb[f], Gs + (fi & 3) * 16 * LDT + kk, LDT, Bts + (fi >> 2) * 16 * LDT + kk, LDT);
+      }
+    }
+    if (col0) {
+      // dB[n0+nn, j] (+)= s · Σ_m G[m, n0+nn] XA[m, j] over this block's rows; lanes of a warp share j.
+      for (int64_t e = tid; e < BNR * r; e += kThreads) {
+        const int nn = static_cast<int>(e % BNR), j = static_cast<int>(e / BNR);
+        float s = 0.0f;
+#pragma unroll 8
+        for (int i = 0; i < BM; ++i) s = fmaf(to_f32(Gs[i * LDT + nn]), XAs[i * ldx + j], s);
+        const int64_t n = n0 + nn;
+        if (n < N) {
+          if (det)
+            ws[W.dbm + (mt * N + n) * r + j] = p.scale * s;
+          else
+            atomicAdd(ws + W.dbm + n * r + j, p.scale * s);
+        }
+      }
+      if (p.dbias != nullptr && tid < BNR) {
+        float s = 0.0f;
+        for (int i = 0; i < BM; ++i) s += to_f32(Gs[i * LDT + tid]);
+        const int64_t n = n0 + tid;
+        if (n < N) {
+          if (det)
+            ws[W.dbias + mt * N + n] = s;
+          else
+            atomicAdd(ws + W.dbias + n, s);
+        }
+      }
+      if (!det) {
+        // The last M-tile to finish this chunk casts dB (and db) rows n0..n0+32 to their dtypes.
+        unsigned int* cnt = reinterpret_cast<unsigned int*>(ws + W.cnt_n) + n0 / BNR;
+        if (arrive_last(cnt, gridDim.x, &last_flag)) {
+          const int64_t nend = n0 + BNR < N ? n0 + BNR : N;
+          for (int64_t e = n0 * r + tid; e < nend * r; e += kThreads)
+            store_dyn(p.db, e, __ldcg(ws + W.dbm + e), adt);
+          if (p.dbias != nullptr)
+            for (int64_t n = n0 + tid; n < nend; n += kThreads) store_dyn(p.dbias, n, __ldcg(ws + W.dbias + n), p.act_dtype);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- epilogue
+  float* Cs = reinterpret_cast<float*>(smem + L.cs);
+  float* Ac = reinterpret_cast<float*>(smem + L.ac);
+  float* GBs = XAs;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) Mma::store(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, LDC, acc[i][j]);
+#pragma unroll
+  for (int f = 0; f < kMaxGbFrags; ++f) {
+    const int fi = warp + 8 * f;
+    if (fi < n_gb_frags) Mma::store(GBs + (fi & 3) * 16 * ldx + (fi >> 2) * 16, ldx, acc_gb[f]);
+  }
+  __syncthreads();
+
+  const int tk = tid & (BKX - 1), tm = tid >> 7;  // thread owns column tk, rows tm + 2*i
+  if (do_dx) {
+    float lacc[BM / 2];
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) lacc[i] = 0.0f;
+    for (int64_t j0 = 0; j0 < r; j0 += JC) {
+      __syncthreads();
+      for (int e = tid; e < JC * BKX; e += kThreads) {
+        const int jj = e / BKX, kk = e % BKX;
+        const int64_t j = j0 + jj, k = k0 + kk;
+        Ac[jj * BKX + kk] = (j < r && k < K) ? load_dyn(p.a, j * K + k, adt) : 0.0f;
+      }
+      __syncthreads();
+      const int jn = static_cast<int>(r - j0 < JC ? r - j0 : JC);
+      for (int jj = 0; jj < jn; ++jj) {
+        const float av = Ac[jj * BKX + tk];
+#pragma unroll
+        for (int i = 0; i < BM / 2; ++i) lacc[i] = fmaf(GBs[(tm + 2 * i) * ldx + j0 + jj], av, lacc[i]);
+      }
+    }
+    const int64_t k = k0 + tk;
+    if (k < K) {
+      T* dx = static_cast<T*>(p.dx);
+#pragma unroll
+      for (int i = 0; i < BM / 2; ++i) {
+        const int64_t m = m0 + tm + 2 * i;
+        if (m < M) {
+          float v = p.scale * lacc[i];
+          if (p.drop.enabled) v = dropout_keep(p.drop, m, k, K) ? v * p.drop.inv_keep : 0.0f;
+          dx[m * K + k] = from_f32<T>(Cs[(tm + 2 * i) * LDC + tk] + v);
+        }
+      }
+    }
+  }
+  __syncthreads();  // Cs is free: it now holds Xd = X ⊙ Z / (1-p), rounded to T as the forward's MMA operand was
+
+  float* Xd = Cs;
+  for (int e = tid; e < BM * BKX; e += kThreads) {
+    const int i = e / BKX, kk = e % BKX;
+    const int64_t m = m0 + i, k = k0 + kk;
+    float v = to_f32(load_t(x, m, k, M, K, p.stride_x_m, p.stride_x_k));
+    if (p.drop.enabled) v = (m < M && k < K && dropout_keep(p.drop, m, k, K)) ? to_f32(from_f32<T>(v * p.drop.inv_keep)) : 0.0f;
+    Xd[i * LDC + kk] = v;
+  }
+  __syncthreads();
+  // dA[j, k0+kk] (+)= s · Σ_m GB[m, j] Xd[m, kk]; lanes of a warp share j, read consecutive kk.
+  for (int64_t e = tid; e < r * BKX; e += kThreads) {
+    const int kk = static_cast<int>(e % BKX), j = static_cast<int>(e / BKX);
+    float s = 0.0f;
+#pragma unroll 8
+    for (int i = 0; i < BM; ++i) s = fmaf(GBs[i * ldx + j], Xd[i * LDC + kk], s);
+    const int64_t k = k0 + kk;
+    if (k < K) {
+      if (det)
+        ws[W.da + (mt * r + j) * K + k] = p.scale * s;
+      else
+        atomicAdd(ws + W.da + j * K + k, p.scale * s);
+    }
+  }
+  if (!det) {
+    unsigned int* cnt = reinterpret_cast<unsigned int*>(ws + W.cnt_k) + blockIdx.y;
+    if (arrive_last(cnt, gridDim.x, &last_flag)) {
+      const int64_t kend = k0 + BKX < K ? k0 + BKX : K;
+      for (int64_t e = tid; e < r * BKX; e += kThreads) {
+        const int64_t j = e / BKX, k = k0 + e % BKX;
+        if (k < kend) store_dyn(p.da, j * K + k, __ldcg(ws + W.da + j * K + k), adt);
+      }
+    }
+  }
+}
+
+// Deterministic mode, launch 2: out[i] = Σ_t part[t][i] in t order, for dA, dB and db laid out back to back.
+__global__ void __launch_bounds__(kThreads) lora_bwd_reduce(const BwdParams p, const BwdWs W) {
+  const float* ws = static_cast<const float*>(p.ws);
+  const int64_t nA = p.r * p.K, nB = p.N * p.r, nb = p.dbias ? p.N : 0;
+  const int64_t T = W.tiles_m;
+  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < nA + nB + nb;
+       idx += int64_t(gridDim.x) * kThreads) {
+    const float* base;
+    int64_t len, i;
+    void* out;
+    int code;
+    if (idx < nA) {
+      base = ws + W.da, len = nA, i = idx, out = p.da, code = p.adapter_dtype;
+    } else if (idx < nA + nB) {
+      base = ws + W.dbm, len = nB, i = idx - nA, out = p.db, code = p.adapter_dtype;
+    } else {
+      base = ws + W.dbias, len = p.N, i = idx - nA - nB, out = p.dbias, code = p.act_dtype;
+    }
+    float s = 0.0f;
+    for (int64_t t = 0; t < T; ++t) s += base[t * len + i];
+    store_dyn(out, i, s, code);
+  }
+}
+
+}  // namespace
+
+int64_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t r, bool deterministic) {
+  return bwd_ws_layout(M, N, K, r, deterministic).total_floats * int64_t(sizeof(float));
+}
+
+void launch_bwd(const BwdParams& p, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const BwdWs W = bwd_ws_layout(p.M, p.N, p.K, p.r, p.deterministic);
+  if (p.M == 0) {
+    // No rows: dX is empty; dA, dB, db are zero. Plain memsets, no kernel launch.
+    if (p.da) cudaMemsetAsync(p.da, 0, p.r * p.K * (p.adapter_dtype == kFloat32 ? 4 : 2), stream);
+    if (p.db) cudaMemsetAsync(p.db, 0, p.N * p.r * (p.adapter_dtype == kFloat32 ? 4 : 2), stream);
+    if (p.dbias) cudaMemsetAsync(p.dbias, 0, p.N * (p.act_dtype == kFloat32 ? 4 : 2), stream);
+    check_last_error("lora_bwd");
+    return;
+  }
+  if (!p.deterministic) {
+    // Zero the atomic accumulators and counters: a memset node, not a kernel launch.
+    cudaMemsetAsync(p.ws, 0, W.total_floats * sizeof(float), stream);
+    check_last_error("lora_bwd (workspace memset)");
+  }
+  const int rp = static_cast<int>(round_up(p.r, 16));
+  const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.K, BKX)));
+  LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
+    const BwdSmem L = bwd_smem_layout<T>(rp);
+    set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T>), L.total);
+    lora_bwd_kernel<T><<<grid, kThreads, L.total, stream>>>(p, L, W, rp);
+  });
+  check_last_error("lora_bwd");
+  if (p.deterministic) {
+    const int64_t total = p.r * p.K + p.N * p.r + (p.dbias ? p.N : 0);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(cdiv(total, kThreads), 4096));
+    lora_bwd_reduce<<<blocks, kThreads, 0, stream>>>(p, W);
+    check_last_error("lora_bwd (deterministic reduce)");
+  }
+}
+
+}  // namespace lora

@@ -1,0 +1,148 @@
+// Device helpers shared by the forward and backward kernels: dtype conversions, the warp-level 16x16x16 MMA
+// (tensor cores through WMMA for fp16/bf16, plain fp32 FMAs for fp32 activations) and the dispatch macro.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "lora_api.h"
+
+namespace lora {
+
+constexpr int kThreads = 256;  // 8 warps per block in every kernel of this file set
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Adapters (and the final gradient stores) have a dtype chosen at run time: fp32 or the activation dtype. They
+// are small (r x K, N x r), so a uniform branch per element costs nothing next to the GEMM and saves template
+// instances (compile time).
+__device__ __forceinline__ float load_dyn(const void* p, int64_t i, int code) {
+  if (code == kFloat32) return static_cast<const float*>(p)[i];
+  if (code == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ void store_dyn(void* p, int64_t i, float v, int code) {
+  if (code == kFloat32)
+    static_cast<float*>(p)[i] = v;
+  else if (code == kFloat16)
+    static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+}
+
+// C[16x16] (fp32) += A[16 x 16] * B[16 x 16] for one warp, operands in shared memory:
+//   A row-major:  a[i * lda + kk]   (i: row of C, kk: reduction index)
+//   B "col-major": b[j * ldb + kk]  (j: column of C), i.e. B is stored as its transpose, rows of length >= 16.
+// store() writes C row-major to fp32 shared memory. WMMA requires lda/ldb multiples of 8 (16-bit types), ldc a
+// multiple of 4, and 32-byte aligned pointers: the smem layouts below keep all three.
+template <typename T>
+struct WarpMma;
+
+template <typename T>
+struct WarpMmaWmma {
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  __device__ __forceinline__ static void zero(Acc& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  __device__ __forceinline__ static void mma(Acc& c, const T* a, int lda, const T* b, int ldb) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
+    nvcuda::wmma::load_matrix_sync(fa, a, lda);
+    nvcuda::wmma::load_matrix_sync(fb, b, ldb);
+    nvcuda::wmma::mma_sync(c, fa, fb, c);
+  }
+  __device__ __forceinline__ static void store(float* c_smem, int ldc, const Acc& c) {
+    nvcuda::wmma::store_matrix_sync(c_smem, c, ldc, nvcuda::wmma::mem_row_major);
+  }
+};
+
+template <>
+struct WarpMma<__half> : WarpMmaWmma<__half> {};
+template <>
+struct WarpMma<__nv_bfloat16> : WarpMmaWmma<__nv_bfloat16> {};
+
+// fp32 activations: SIMT, exact fp32 FMAs (no tf32, so results match torch's fp32 matmul with tf32 off).
+// Lane l owns row l/2 and columns (l%2)*8 .. +8 of the 16x16 tile.
+template <>
+struct WarpMma<float> {
+  struct Acc {
+    float v[8];
+  };
+  __device__ __forceinline__ static void zero(Acc& c) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c.v[j] = 0.0f;
+  }
+  __device__ __forceinline__ static void mma(Acc& c, const float* a, int lda, const float* b, int ldb) {
+    const int lane = threadIdx.x & 31;
+    const float* arow = a + (lane >> 1) * lda;
+    const float* bcol = b + ((lane & 1) * 8) * ldb;
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+      const float av = arow[kk];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c.v[j] = fmaf(av, bcol[j * ldb + kk], c.v[j]);
+    }
+  }
+  __device__ __forceinline__ static void store(float* c_smem, int ldc, const Acc& c) {
+    const int lane = threadIdx.x & 31;
+    float* row = c_smem + (lane >> 1) * ldc + (lane & 1) * 8;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) row[j] = c.v[j];
+  }
+};
+
+// Element of a strided 2-D activation tensor, 0 outside [rows, cols): the predicated tail of every tile load.
+template <typename T>
+__device__ __forceinline__ float load_2d(const T* p, int64_t i, int64_t j, int64_t rows, int64_t cols, int64_t si,
+                                         int64_t sj) {
+  return (i < rows && j < cols) ? to_f32(p[i * si + j * sj]) : 0.0f;
+}
+
+__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) & ~size_t(127); }
+
+}  // namespace lora
+
+// One template instance per activation dtype; everything else (adapter dtype, bias, dropout, rank) is a run-time
+// argument. Three instances per kernel keep the two-arch build well under a minute per translation unit.
+#define LORA_DISPATCH_ACT_DTYPE(code, T, ...)                                                      \
+  switch (code) {                                                                                  \
+    case ::lora::kFloat32: {                                                                       \
+      using T = float;                                                                             \
+      __VA_ARGS__;                                                                                 \
+      break;                                                                                       \
+    }                                                                                              \
+    case ::lora::kFloat16: {                                                                       \
+      using T = __half;                                                                            \
+      __VA_ARGS__;                                                                                 \
+      break;                                                                                       \
+    }                                                                                              \
+    case ::lora::kBFloat16: {                                                                      \
+      using T = __nv_bfloat16;                                                                     \
+      __VA_ARGS__;                                                                                 \
+      break;                                                                                       \
+    }                                                                                              \
+    default:                                                                                       \
+      throw std::invalid_argument("lora_kernels._C: unknown activation dtype code " + std::to_string(code)); \
+  }

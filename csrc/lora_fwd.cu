@@ -1,0 +1,193 @@
+// Fused LoRA forward, one launch:   Y = X Wᵀ + b + s · XA Bᵀ,   XA = (X ⊙ Z) Aᵀ  (fp32, stored for backward)
+//
+// Grid: (cdiv(M, BM), cdiv(N, BN)); one block of 8 warps owns the [BM=64, BN=128] tile of Y.
+//
+//   for k0 in 0..K step BK=32:                       (main loop, tensor cores for fp16/bf16)
+//       Xs  <- X[m0:m0+64, k0:k0+32]                  predicated, strided (stride_x_m, stride_x_k)
+//       Xds <- Xs ⊙ Z / (1-p)                          only with dropout; Z from the shared hash of (m, k)
+//       Ws  <- W[n0:n0+128, k0:k0+32]
+//       As  <- A[0:RP, k0:k0+32]                       RP = r rounded up to 16, zero rows past r
+//       acc   += Xs  · Wsᵀ      warp (wm, wn) of the 2x4 warp grid owns rows 32*wm.., cols 32*wn.. (2x2 frags)
+//       accXA += Xds · Asᵀ      the 4 x RP/16 fragments of [64, RP] dealt round-robin to the 8 warps (<= 8 each)
+//   epilogue (fp32, SIMT):
+//       Cs <- acc, XAs <- accXA (shared memory, fp32)
+//       blocks of column 0 store XA[m0:m0+64, :r]
+//       Y = Cs + s · XAs Bᵀ + b,  B streamed through shared memory in chunks of 32 ranks, cast at store
+//
+// Every block recomputes its rows' XA (extra MMA work RP/BN: 12.5% at r=16). The LoRA epilogue runs in fp32
+// FMAs on XA itself (not XA rounded to bf16 as an unfused bf16 matmul would), costing r·BM·BN FMAs per block:
+// ~1/16 of the tensor-core main loop at K=4096, r=16.
+#include <algorithm>
+
+#include "lora_common.cuh"
+
+namespace lora {
+namespace {
+
+constexpr int BM = 64, BN = 128, BK = 32;
+constexpr int LDT = BK + 8;   // 16-bit WMMA needs ld % 8 == 0; +8 also breaks bank conflicts of the row reads
+constexpr int LDC = BN + 4;   // fp32 accumulator staging, ld % 4 == 0 for store_matrix_sync
+constexpr int JC = 32;        // rank chunk of B staged in the epilogue
+constexpr int LDB = JC + 1;   // odd stride: conflict-free column reads of Bc
+constexpr int kMaxXaFrags = 8;  // per warp: 4 row frags x 16 col frags (r=256) / 8 warps
+
+struct FwdSmem {
+  size_t xs, xds, ws, as, main_end;  // main loop, T
+  size_t cs, xas, bc, epi_end;       // epilogue, fp32 (aliases the main loop region)
+};
+
+template <typename T>
+FwdSmem fwd_smem_layout(int rp) {
+  FwdSmem s;
+  s.xs = 0;
+  s.xds = s.xs + align128(sizeof(T) * BM * LDT);
+  s.ws = s.xds + align128(sizeof(T) * BM * LDT);
+  s.as = s.ws + align128(sizeof(T) * BN * LDT);
+  s.main_end = s.as + align128(sizeof(T) * rp * LDT);
+  s.cs = 0;
+  s.xas = s.cs + align128(sizeof(float) * BM * LDC);
+  s.bc = s.xas + align128(sizeof(float) * BM * (rp + 4));
+  s.epi_end = s.bc + align128(sizeof(float) * BN * LDB);
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_t(const T* p, int64_t i, int64_t j, int64_t rows, int64_t cols, int64_t si,
+                                    int64_t sj) {
+  return (i < rows && j < cols) ? p[i * si + j * sj] : from_f32<T>(0.0f);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lora_fwd_kernel(const FwdParams p, const FwdSmem L, const int rp) {
+  using Mma = WarpMma<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Xs = reinterpret_cast<T*>(smem + L.xs);
+  T* Xds = reinterpret_cast<T*>(smem + L.xds);
+  T* Ws = reinterpret_cast<T*>(smem + L.ws);
+  T* As = reinterpret_cast<T*>(smem + L.as);
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const int64_t M = p.M, N = p.N, K = p.K, r = p.r;
+  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+  const int n_xa_frags = 4 * (rp / 16);
+  const bool drop = p.drop.enabled;
+  const T* Xl = drop ? Xds : Xs;  // the LoRA branch reads the dropped tile
+
+  typename Mma::Acc acc[2][2], acc_xa[kMaxXaFrags];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) Mma::zero(acc[i][j]);
+#pragma unroll
+  for (int f = 0; f < kMaxXaFrags; ++f) Mma::zero(acc_xa[f]);
+
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+    for (int e = tid; e < BM * BK; e += kThreads) {
+      const int i = e / BK, kk = e % BK;
+      const int64_t gm = m0 + i, gk = k0 + kk;
+      const T v = load_t(x, gm, gk, M, K, p.stride_x_m, p.stride_x_k);
+      Xs[i * LDT + kk] = v;
+      if (drop) {
+        const bool keep = gm < M && gk < K && dropout_keep(p.drop, gm, gk, K);
+        Xds[i * LDT + kk] = from_f32<T>(keep ? to_f32(v) * p.drop.inv_keep : 0.0f);
+      }
+    }
+    for (int e = tid; e < BN * BK; e += kThreads) {
+      const int j = e / BK, kk = e % BK;
+      Ws[j * LDT + kk] = load_t(w, n0 + j, k0 + kk, N, K, K, int64_t(1));
+    }
+    for (int e = tid; e < rp * BK; e += kThreads) {
+      const int j = e / BK, kk = e % BK;
+      const int64_t gk = k0 + kk;
+      As[j * LDT + kk] = from_f32<T>((j < r && gk < K) ? load_dyn(p.a, j * K + gk, p.adapter_dtype) : 0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          Mma::mma(acc[i][j], Xs + (wm * 32 + i * 16) * LDT + kk, LDT, Ws + (wn * 32 + j * 16) * LDT + kk, LDT);
+#pragma unroll
+      for (int f = 0; f < kMaxXaFrags; ++f) {
+        const int fi = warp + 8 * f;
+        if (fi < n_xa_frags) Mma::mma(acc_xa[f], Xl + (fi & 3) * 16 * LDT + kk, LDT, As + (fi >> 2) * 16 * LDT + kk, LDT);
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- epilogue: stage accumulators in fp32 shared memory (aliases the tiles: the loop ended on a barrier)
+  float* Cs = reinterpret_cast<float*>(smem + L.cs);
+  float* XAs = reinterpret_cast<float*>(smem + L.xas);
+  float* Bc = reinterpret_cast<float*>(smem + L.bc);
+  const int ldxa = rp + 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) Mma::store(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, LDC, acc[i][j]);
+#pragma unroll
+  for (int f = 0; f < kMaxXaFrags; ++f) {
+    const int fi = warp + 8 * f;
+    if (fi < n_xa_frags) Mma::store(XAs + (fi & 3) * 16 * ldxa + (fi >> 2) * 16, ldxa, acc_xa[f]);
+  }
+  __syncthreads();
+
+  if (blockIdx.y == 0) {
+    for (int64_t e = tid; e < BM * r; e += kThreads) {
+      const int64_t i = e / r, j = e % r;
+      if (m0 + i < M) p.xa[(m0 + i) * r + j] = XAs[i * ldxa + j];
+    }
+  }
+
+  // LoRA term: thread owns column tn and rows tm + 2*i (i < 32) of the tile.
+  const int tn = tid & (BN - 1), tm = tid >> 7;
+  float lacc[BM / 2];
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) lacc[i] = 0.0f;
+  for (int64_t j0 = 0; j0 < r; j0 += JC) {
+    __syncthreads();  // previous chunk fully consumed
+    for (int e = tid; e < BN * JC; e += kThreads) {
+      const int nn = e / JC, jj = e % JC;
+      const int64_t n = n0 + nn, j = j0 + jj;
+      Bc[nn * LDB + jj] = (n < N && j < r) ? load_dyn(p.b, n * r + j, p.adapter_dtype) : 0.0f;
+    }
+    __syncthreads();
+    const int jn = static_cast<int>(r - j0 < JC ? r - j0 : JC);
+    for (int jj = 0; jj < jn; ++jj) {
+      const float bv = Bc[tn * LDB + jj];
+#pragma unroll
+      for (int i = 0; i < BM / 2; ++i) lacc[i] = fmaf(XAs[(tm + 2 * i) * ldxa + j0 + jj], bv, lacc[i]);
+    }
+  }
+  const int64_t n = n0 + tn;
+  if (n < N) {
+    const float bias_v = p.bias ? to_f32(static_cast<const T*>(p.bias)[n]) : 0.0f;
+    T* y = static_cast<T*>(p.y);
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) {
+      const int64_t m = m0 + tm + 2 * i;
+      if (m < M) y[m * N + n] = from_f32<T>(Cs[(tm + 2 * i) * LDC + tn] + p.scale * lacc[i] + bias_v);
+    }
+  }
+}
+
+}  // namespace
+
+void launch_fwd(const FwdParams& p, void* stream) {
+  if (p.M == 0) return;  // nothing to compute, no launch
+  const int rp = static_cast<int>(round_up(p.r, 16));
+  const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.N, BN)));
+  LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
+    const FwdSmem L = fwd_smem_layout<T>(rp);
+    const size_t smem = std::max(L.main_end, L.epi_end);
+    set_smem_limit("lora_fwd", reinterpret_cast<const void*>(&lora_fwd_kernel<T>), smem);
+    lora_fwd_kernel<T><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, L, rp);
+  });
+  check_last_error("lora_fwd");
+}
+
+}  // namespace lora
