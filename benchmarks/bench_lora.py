@@ -265,6 +265,10 @@ def _timed_fns(built: P.Built, inp: P.Inputs, mode: str):
     return (lambda: y.backward(dy, retain_graph=True)), grads, y
 
 
+def _on_gpu(case: P.Case) -> bool:
+    return case.device.startswith("cuda")
+
+
 def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
     """Measure every provider on one case. Returns rows (without ratios) and the failure messages."""
     inp = P.make_inputs(case, seed=case.M * 7 + case.r)
@@ -302,11 +306,11 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
     for mode in s.modes:
         if mode == "memory":
             for name, b in built.items():
-                peak = peak_bytes_gpu(b, inp) if case.device.startswith("cuda") else None
+                peak = peak_bytes_gpu(b, inp) if _on_gpu(case) else None
                 rows.append(row(name, mode, peak=peak, saved=saved_bytes(b, inp.x)))
             continue
         try:
-            if case.device.startswith("cuda"):
+            if _on_gpu(case):
                 for name, b in built.items():
                     fn, grads, keep = _timed_fns(b, inp, mode)
                     rows.append(row(name, mode, bench_gpu(fn, grads, s.warmup_ms, s.rep_ms)))
@@ -454,7 +458,13 @@ def main(argv=None) -> int:
     for case in cases:
         print(f"case {case.label()}", flush=True)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        rows, fails = run_case(case, s, lambda msg: print(msg, flush=True))
+        try:
+            rows, fails = run_case(case, s, lambda msg: print(msg, flush=True))
+        except Exception as e:  # e.g. the reference itself failed: record it, measure the other cases
+            import traceback
+
+            traceback.print_exc()
+            rows, fails = [], [f"{case.label()}: case crashed: {type(e).__name__}: {e}"]
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         for r in rows:
             r.update(meta, timestamp=now, loadavg=None if load is None else round(load, 2))

@@ -217,9 +217,13 @@ def triton_plans() -> tuple[str, ...]:
         import lora_kernels.triton as lkt
     except ImportError:
         return ()
-    if hasattr(lkt, "set_forward_plan") and hasattr(lkt, "get_forward_plan"):
+    if not (hasattr(lkt, "set_forward_plan") and hasattr(lkt, "get_forward_plan")):
+        return ()
+    try:
+        from lora_kernels.triton.launch import PLANS
+    except ImportError:
         return ("fused", "split")
-    return ()
+    return tuple(PLANS)
 
 
 def select(

@@ -148,7 +148,7 @@ def test_flops_count():
 def test_device_check_dry_run(tmp_path):
     """The GPU lease's script runs end to end on CPU (build and GPU tests are left to the full dry run)."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
-    env["DC_BENCH_ARGS"] = f"--providers {PROVIDERS} --M 4 --dropout 0,0.1"
+    env["DC_BENCH_ARGS"] = f"--providers {PROVIDERS} --M 4 --dropout 0,0.1 --dtype fp32"
     res = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--cpu-dry-run", "--steps", "info,sanitize,bench"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=110,
@@ -159,3 +159,48 @@ def test_device_check_dry_run(tmp_path):
     assert "DEVICE CHECK PASSED" in res.stdout
     table_last = (tmp_path / "out" / "bench.md").read_text().rstrip().splitlines()[-1]
     assert res.stdout.rstrip().splitlines()[-1] == table_last  # the table is printed last
+
+
+def test_gpu_code_path_plumbing(monkeypatch, capsys):
+    """The GPU branch of run_case (per-provider do_bench, peak memory) with the device calls faked on CPU."""
+    calls = []
+
+    def fake_bench_gpu(fn, grad_to_none, warmup_ms, rep_ms):
+        for _ in range(2):
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+        calls.append(len(grad_to_none))
+        return timing.Stats(2.0, 1.0, 3.0, 2)
+
+    def fake_peak(built, inp):
+        built.forward(inp.x).backward(inp.dy)
+        return 1000 + len(built.params)
+
+    monkeypatch.setattr(bench_lora, "_on_gpu", lambda case: True)
+    monkeypatch.setattr(bench_lora, "bench_gpu", fake_bench_gpu)
+    monkeypatch.setattr(bench_lora, "peak_bytes_gpu", fake_peak)
+    case = providers.Case(M=6, K=16, N=8, r=2, dropout=0.1)
+    s = bench_lora.Settings(device="cpu", modes=list(bench_lora.MODES), providers=["base", "peft", "addmm", "torch"])
+    rows, fails = bench_lora.run_case(case, s, print)
+    assert fails == []
+    assert len(calls) == 3 * 4 and calls.count(1) == 3  # base resets only x.grad; the others x, A, B
+    mem = {r["provider"]: r for r in rows if r["mode"] == "memory"}
+    assert mem["base"]["peak_bytes"] == 1000 and mem["torch"]["ratio_to_base"] == 1.002
+    assert all(r["ratio_to_base"] == 1.0 for r in rows if r["mode"] != "memory")
+
+
+def test_bench_gpu_uses_do_bench_quantiles(monkeypatch):
+    triton_testing = pytest.importorskip("triton.testing")
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        seen.update(warmup=warmup, rep=rep, grads=grad_to_none, quantiles=quantiles)
+        fn()
+        return [2.0, 1.5, 2.5]
+
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    x = torch.zeros(1, requires_grad=True)
+    st = timing.bench_gpu(lambda: None, (x,), warmup_ms=7, rep_ms=40)
+    assert (st.median_ms, st.p20_ms, st.p80_ms, st.n) == (2.0, 1.5, 2.5, 20)
+    assert seen == dict(warmup=7, rep=40, grads=[x], quantiles=[0.5, 0.2, 0.8])
