@@ -237,6 +237,47 @@ def reference_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_
     )
 
 
+def _check_plain_head(model: torch.nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if cfg is not None and getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"chunked loss: model config sets {attr}={getattr(cfg, attr)!r}, not supported")
+    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"model {type(model).__name__} is not a Hugging Face *ForCausalLM (no decoder / output head)")
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"model {type(model).__name__} has no linear output head")
+
+
+def _decoder_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
+    out = model.get_decoder()(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        return_dict=True,
+        **kwargs,
+    )
+    return out.last_hidden_state
+
+
+def _shifted_head_loss(model, hidden, labels, num_items_in_batch, chunk_size, grad_mode, ignore_index):
+    head = model.get_output_embeddings()
+    # Shift exactly like HF: pad the labels by one ignored position and drop the first, so hidden row t
+    # predicts token t+1 and hidden stays a contiguous view (no [T, H] copy).
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return chunked_linear_cross_entropy(
+        hidden,
+        head.weight,
+        shifted,
+        getattr(head, "bias", None),
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+        grad_mode=grad_mode,
+    )
+
+
 def causal_lm_loss(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -252,31 +293,56 @@ def causal_lm_loss(
     """Next-token loss of a Hugging Face ``*ForCausalLM`` with the chunked head: same value as
     ``model(input_ids, labels=labels).loss`` (labels shifted inside, as HF does) without the logits.
 
-    Runs the decoder (``model.get_decoder()`` / ``model.model``) for the final hidden states, then
-    :func:`chunked_linear_cross_entropy` over ``model.get_output_embeddings()``.
+    Calls the decoder directly, so it bypasses wrappers (DDP, FSDP2 root hooks): under those use
+    :func:`enable_chunked_loss`, which routes ``model(..., labels=...)`` here instead.
     """
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if cfg is not None and getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"causal_lm_loss: model config sets {attr}={getattr(cfg, attr)!r}, not supported")
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
-    if decoder is None or head is None or not hasattr(head, "weight"):
-        raise ValueError(f"model {type(model).__name__} has no decoder / linear output head for causal_lm_loss")
-    out = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True
-    )
-    hidden = out.last_hidden_state
-    # Shift exactly like HF: pad the labels by one ignored position and drop the first, so hidden row t
-    # predicts token t+1 and hidden stays a contiguous view (no [T, H] copy).
-    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return chunked_linear_cross_entropy(
-        hidden,
-        head.weight,
-        shifted,
-        getattr(head, "bias", None),
-        ignore_index=ignore_index,
-        num_items_in_batch=num_items_in_batch,
-        chunk_size=chunk_size,
-        grad_mode=grad_mode,
-    )
+    _check_plain_head(model)
+    hidden = _decoder_hidden(model, input_ids, attention_mask, position_ids)
+    return _shifted_head_loss(model, hidden, labels, num_items_in_batch, chunk_size, grad_mode, ignore_index)
+
+
+_CHUNKED_CLASSES: dict[type, type] = {}
+
+
+def enable_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None, grad_mode: str = "forward"):
+    """Make ``model(input_ids, labels=..., num_items_in_batch=...)`` compute the chunked loss and return
+    ``logits=None``; calls without ``labels`` (generation, logits for evaluation) are unchanged.
+
+    Done by swapping ``model.__class__`` for a subclass (state_dict, ``isinstance`` and ``save_pretrained`` are
+    unaffected), so the loss runs inside ``model.__call__``: DDP's and FSDP2's forward hooks see it.
+    Returns ``model``. :func:`disable_chunked_loss` undoes it.
+    """
+    _check_plain_head(model)
+    if grad_mode not in _GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {_GRAD_MODES}, got {grad_mode!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    cls = getattr(type(model), "_lk_chunked_base", type(model))
+    if cls not in _CHUNKED_CLASSES:
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+            if labels is None:
+                return cls.forward(
+                    self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+                )
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            n_items = kwargs.pop("num_items_in_batch", None)
+            for k in ("use_cache", "return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"):
+                kwargs.pop(k, None)
+            hidden = _decoder_hidden(self, input_ids, attention_mask, position_ids, **kwargs)
+            cs, gm = self._lk_chunked
+            loss = _shifted_head_loss(self, hidden, labels, n_items, cs, gm, -100)
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+
+        _CHUNKED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_lk_chunked_base": cls})
+    model.__class__ = _CHUNKED_CLASSES[cls]
+    model._lk_chunked = (chunk_size, grad_mode)
+    return model
+
+
+def disable_chunked_loss(model: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(type(model), "_lk_chunked_base", None)
+    if base is not None:
+        model.__class__ = base
+    return model

@@ -230,3 +230,25 @@ def test_causal_lm_loss_equals_hf_loss(tie):
     assert_close_to_oracle(loss, ref64, ref, "loss", atol=1e-6)
     for i, (a, r64, r32) in enumerate(zip(grads, grads64, ref_grads)):
         assert_close_to_oracle(a, r64, r32, f"grad[{i}]", atol=1e-7)
+
+
+def test_enable_chunked_loss_routes_model_call():
+    from lora_kernels.losses import disable_chunked_loss, enable_chunked_loss
+
+    model = _tiny_llama()
+    name = type(model).__name__
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :3] = IGN
+    ref = model(input_ids=ids, labels=labels, num_items_in_batch=11).loss
+    logits = model(input_ids=ids).logits
+    enable_chunked_loss(model, chunk_size=7)
+    assert type(model).__name__ == name and isinstance(model, type(model).__mro__[1])
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=11)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    assert torch.equal(model(input_ids=ids).logits, logits)  # no labels: the original forward
+    disable_chunked_loss(model)
+    assert model(input_ids=ids, labels=labels).logits is not None
+    with pytest.raises(ValueError, match="chunk_size"):
+        enable_chunked_loss(model, chunk_size=-1)

@@ -1,0 +1,206 @@
+"""torchrun integration: a 2-process gloo run of a tiny LoRA Llama against the single-process run on the same
+global batches.
+
+The same file is the worker: ``torchrun --standalone --nproc_per_node 2 tests/test_distributed.py OUT_DIR`` trains
+each configuration of ``CONFIGS`` for ``STEPS`` steps and writes ``OUT_DIR/rank{r}.json``. One torchrun launch
+serves every configuration (interpreter + transformers import is most of the cost on 2 CPU cores).
+
+Tolerance: the fp64 single-process run is the oracle; the 2-process fp32 run must be within 2x of the
+single-process fp32 run's error (plus a few fp32 ulps): data parallelism only regroups fp32 sums (the loss over
+ranks, the gradient all-reduce), the same kind of error as the single process's own reductions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, GLOBAL_BATCH, SEQ, STEPS = 64, 4, 12, 4
+# name -> (strategy, chunked CE, gradient checkpointing)
+CONFIGS = {
+    "ddp": ("ddp", False, False),
+    "ddp-chunked-ckpt": ("ddp", True, True),
+    "fsdp": ("fsdp", False, False),
+}
+
+
+def _model(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_kernels.inject import apply_lora
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    apply_lora(model, "all-linear", r=4, lora_alpha=8, init_lora_weights="gaussian")
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if n.endswith("lora_B.weight"):  # non-zero B so both A and B get gradients from step 1
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    return model.to(dtype).train()
+
+
+def _global_batch(step):
+    """Rows with different numbers of target tokens: the per-rank token counts differ, so a per-rank mean
+    averaged over ranks would NOT equal the global mean (the normalisation is what is being tested)."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    for i, n in enumerate((2, 5, 9, 3)):
+        labels[i, :n] = -100
+    return ids, labels
+
+
+def train(config: str, dtype=torch.float32) -> list[float]:
+    """The training loop under test; single-process when not launched by torchrun."""
+    from lora_kernels import distributed as D
+    from lora_kernels.losses import enable_chunked_loss
+    from lora_kernels.memory import enable_gradient_checkpointing
+
+    strategy, chunked, ckpt = CONFIGS[config]
+    model = _model(dtype)
+    if ckpt:
+        enable_gradient_checkpointing(model)
+    if chunked:
+        enable_chunked_loss(model, chunk_size=5)
+    model = D.wrap_model(model, strategy)
+    # after wrapping: FSDP2 replaces the parameters by sharded DTensors
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    losses = []
+    for step in range(STEPS):
+        ids, labels = _global_batch(step % 2)  # two batches, seen twice: the loss on each must drop
+        rows = D.shard_slice(GLOBAL_BATCH)
+        ids, labels = ids[rows], labels[rows]
+        local_items = int((labels[:, 1:] != -100).sum())
+        total, divisor = D.global_num_items(local_items)
+        loss = model(input_ids=ids, labels=labels, num_items_in_batch=divisor.to(dtype)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # the logged loss: sum of per-token losses over all ranks / global token count
+        losses.append((D.all_reduce_sum(loss.detach() * divisor) / total).item())
+    if D.is_distributed():
+        # what rank 0 would checkpoint: full (unsharded) trainable weights + optimizer state, on every rank
+        msd, osd = D.full_state_dicts(model, opt)
+        trainable = {n: tuple(p.shape) for n, p in D.unwrap_model(model).named_parameters() if p.requires_grad}
+        full = {n: tuple(t.shape) for n, t in msd.items()}
+        if D.is_main_process():
+            losses.append({"state_ok": full == _full_shapes(), "n_state": len(osd["state"]), "n": len(trainable)})
+        else:  # gathered to rank 0 only (cpu_offload): the other ranks get empty dicts
+            losses.append({"state_ok": not msd and not osd, "n_state": len(_full_shapes())})
+    return losses
+
+
+def _full_shapes():
+    return {n: tuple(p.shape) for n, p in _model(torch.float32).named_parameters() if p.requires_grad}
+
+
+def _worker(out_dir: str) -> None:
+    from lora_kernels import distributed as D
+
+    torch.set_num_threads(1)
+    info = D.init_distributed(device="cpu")
+    assert info.world_size == 2 and info.backend == "gloo", info
+    result = {"rank": info.rank, "world": info.world_size}
+    for name in CONFIGS:
+        t = time.perf_counter()
+        result[name] = train(name)
+        result[name + "_s"] = time.perf_counter() - t
+    m = D.reduce_metrics({"rank": float(info.rank), "one": 1.0}, op="sum")
+    result["reduced"] = m
+    result["gathered"] = D.gather_objects(info.rank)
+    Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
+    D.teardown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests (pytest process)
+
+
+def _torchrun(out_dir: Path, nproc=2, timeout=240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(Path(__file__)), str(out_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _ulps(x: float, n: int = 8) -> float:
+    return n * torch.finfo(torch.float32).eps * abs(x)
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    proc = _torchrun(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["reduced"] == {"one": 2.0, "rank": 1.0} and r0["gathered"] == [0, 1]
+    for name in CONFIGS:
+        # both ranks log the same (all-reduced) loss, bit for bit
+        for r in (r0, r1):
+            state = r[name].pop()
+            assert state["state_ok"] and state["n_state"] == len(_full_shapes()), state
+        assert r0[name] == r1[name], name
+        ref64 = train(name, torch.float64)
+        ref32 = train(name, torch.float32)
+        for step, (got, r64, r32) in enumerate(zip(r0[name], ref64, ref32)):
+            err, base = abs(got - r64), abs(r32 - r64)
+            print(f"{name} step {step}: |ddp-fp64| {err:.3e}, |single fp32-fp64| {base:.3e}")
+            assert err <= 2 * base + _ulps(r64), f"{name} step {step}: |ddp-fp64| {err:.3e} > 2 x {base:.3e}"
+        assert ref32[2] < ref32[0] and ref32[3] < ref32[1], ref32  # it trains
+
+
+def test_single_process_helpers_are_identity():
+    from lora_kernels import distributed as D
+
+    info = D.init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.backend, info.is_main) == (0, 1, None, True)
+    assert D.shard_slice(4) == slice(0, 4)
+    assert D.shard_slice(6, rank=1, world_size=3) == slice(2, 4)
+    assert D.reduce_metrics({"a": 2.0}) == {"a": 2.0}
+    total, div = D.global_num_items(7)
+    assert total.item() == 7 and div.item() == 7
+    m = torch.nn.Linear(2, 2)
+    assert D.wrap_model(m, "ddp") is m and D.unwrap_model(m) is m
+    D.teardown()
+
+
+def test_bad_input_names_argument(monkeypatch):
+    import pytest
+
+    from lora_kernels import distributed as D
+
+    with pytest.raises(ValueError, match="global_batch"):
+        D.shard_slice(5, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        D.shard_slice(4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="strategy"):
+        D.wrap_model(torch.nn.Linear(2, 2), "zero3")
+    with pytest.raises(ValueError, match="op"):
+        D.reduce_metrics({"a": 1.0}, op="avg")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        D.init_distributed()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="backend"):
+        D.init_distributed(backend="nccl", device="cpu")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
