@@ -48,7 +48,7 @@ def _cmake_and_generator() -> tuple[str, list[str]]:
 
             cmake = os.path.join(cmake_mod.CMAKE_BIN_DIR, "cmake")
         except ImportError as exc:
-            raise RuntimeError("building lora_kernels._C needs CMake >= 3.24 (pip install cmake)") from exc
+            raise RuntimeError("building lora_kernels._C needs CMake >= 3.18 (pip install cmake)") from exc
     ninja = shutil.which("ninja")
     if ninja is None:
         try:

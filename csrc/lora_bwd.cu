@@ -55,7 +55,7 @@ BwdSmem bwd_smem_layout(int rp) {
   s.ac = s.cs + align128(sizeof(float) * BM * LDC);
   s.epi_end = s.ac + align128(sizeof(float) * JC * BKX);
   s.xas = std::max(s.main_end, s.epi_end);
-  s.total = s.xas + align128(sizeof(float) * BM * (rp + 4));
+  s.total = s.xas + align128(sizeof(float) * BM * (rp + 4));  // + 16 bytes for the last-block flag at launch
   return s;
 }
 
@@ -98,7 +98,8 @@ __global__ void __launch_bounds__(kThreads) lora_bwd_kernel(const BwdParams p, c
                                                             const int rp) {
   using Mma = WarpMma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ bool last_flag;
+  // no static __shared__ in this kernel: the dynamic region then starts at offset 0 (WMMA needs 32-byte alignment)
+  bool& last_flag = *reinterpret_cast<bool*>(smem + L.total);
   T* Gs = reinterpret_cast<T*>(smem + L.gs);
   T* WsT = reinterpret_cast<T*>(smem + L.wst);
   T* Bts = reinterpret_cast<T*>(smem + L.bts);
@@ -340,8 +341,9 @@ void launch_bwd(const BwdParams& p, void* stream_ptr) {
   const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.K, BKX)));
   LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
     const BwdSmem L = bwd_smem_layout<T>(rp);
-    set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T>), L.total);
-    lora_bwd_kernel<T><<<grid, kThreads, L.total, stream>>>(p, L, W, rp);
+    const size_t smem = L.total + 16;
+    set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T>), smem);
+    lora_bwd_kernel<T><<<grid, kThreads, smem, stream>>>(p, L, W, rp);
   });
   check_last_error("lora_bwd");
   if (p.deterministic) {

@@ -31,7 +31,7 @@ VERIFIED_ON_GPU: str | None = None
 
 BUILD_HINT = (
     "build it with `LORA_KERNELS_CUDA_ARCHS=90 python setup.py build_ext --inplace` "
-    "(or `pip install -e . --no-build-isolation`; needs nvcc, CMake >= 3.24, pybind11)"
+    "(or `pip install -e . --no-build-isolation`; needs nvcc, CMake >= 3.18, pybind11)"
 )
 MAX_RANK = 256
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -1,0 +1,56 @@
+"""One forward + backward of the cuda backend at small odd shapes, checked against the torch backend; for
+compute-sanitizer (csrc/README.md):
+
+    compute-sanitizer --tool memcheck  python csrc/sanitize_check.py
+    compute-sanitizer --tool racecheck python csrc/sanitize_check.py
+
+Exits 1 when a result misses the fp64 oracle by more than 2x torch's own error (+ 1e-6 relative), so a run that
+the sanitizer passes but that computes garbage still fails.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lora_kernels.functional import lora_linear
+
+
+def run(backend, x, w, b, a, bb, g, **kw):
+    x, w, b, a, bb = (t.detach().requires_grad_(True) for t in (x, w, b, a, bb))
+    y = lora_linear(x, w, b, a, bb, 2.0, 0.2, seed=11, offset=5, backend=backend, **kw)
+    grads = torch.autograd.grad(y, [x, b, a, bb], g.to(y.dtype))
+    return dict(zip(("y", "dx", "db", "dA", "dB"), (y.detach(), *grads)))
+
+
+def main() -> int:
+    failures = 0
+    gen = torch.Generator().manual_seed(0)
+    m, k, n, r = 37, 70, 150, 5  # no dimension a multiple of any tile; two N tiles, one K tile of dX
+    for dtype, adt in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+        for deterministic in (False, True):
+
+            def rnd(*shape, std=1.0, dt=dtype):
+                return (torch.randn(*shape, generator=gen) * std).to("cuda", dt)
+
+            x, w, b = rnd(m, k), rnd(n, k, std=k**-0.5), rnd(n, std=0.1)
+            a, bb, g = rnd(r, k, std=k**-0.5, dt=adt), rnd(n, r, std=r**-0.5, dt=adt), rnd(m, n)
+            cu = run("cuda", x, w, b, a, bb, g, deterministic=deterministic)
+            to = run("torch", x, w, b, a, bb, g)
+            ref = run("torch", *(t.double() for t in (x, w, b, a, bb)), g.double())
+            torch.cuda.synchronize()
+            for name in cu:
+                err = (cu[name].double() - ref[name]).abs().max().item()
+                base = (to[name].double() - ref[name]).abs().max().item()
+                tol = 2 * base + 1e-6 * max(ref[name].abs().max().item(), 1.0)
+                ok = err <= tol and not torch.isnan(cu[name]).any()
+                failures += not ok
+                tag = "ok  " if ok else "FAIL"
+                print(f"{tag} {str(dtype):15s} det={deterministic!s:5s} {name:3s} err={err:.3e} tol={tol:.3e}")
+    print("sanitize_check:", "FAILED" if failures else "passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

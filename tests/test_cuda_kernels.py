@@ -1,0 +1,271 @@
+"""CUDA backend (lora_kernels._C) against the fp64 torch oracle, on a GPU (`pytest -m gpu tests/test_cuda_kernels.py`).
+
+Tolerance rule (tests/helpers.assert_close_to_oracle): the kernel's max error against the fp64 evaluation of the
+torch backend must be <= 2x the torch backend's own max error in the same dtypes, plus an atol of 1e-6 relative to
+the output's magnitude (covers outputs torch computes exactly, e.g. db with M=1). The kernels accumulate in fp32
+and round once at the store, torch rounds its intermediates (XA, GB) to the activation dtype: the CUDA error is
+expected below torch's, the factor 2 is headroom for a different summation order.
+
+Skips are distinct: no GPU / GPU older than sm_80 / extension not built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_to_oracle, requires_cuda, requires_native, requires_sm
+
+import lora_kernels
+from lora_kernels import _rng
+from lora_kernels.functional import lora_linear
+
+pytestmark = [pytest.mark.gpu, requires_cuda, requires_sm(8, 0), requires_native]
+
+DEV = "cuda"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def make_inputs(m, k, n, r, dtype, adapter_dtype=None, bias=True, lead=None, seed=0):
+    """x [*lead, k] (lead defaults to (m,)), base layer, adapters with a non-zero B (so the LoRA term counts)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (m,) if lead is None else lead
+    adapter_dtype = adapter_dtype or dtype
+
+    def rnd(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * std).to(device=DEV, dtype=dt)
+
+    x = rnd(*lead, k)
+    w = rnd(n, k, std=k**-0.5)
+    b = rnd(n, std=0.1) if bias else None
+    a = rnd(r, k, std=k**-0.5, dt=adapter_dtype)
+    bb = rnd(n, r, std=r**-0.5, dt=adapter_dtype)
+    return x, w, b, a, bb
+
+
+def run(backend, x, w, b, a, bb, scale=2.0, p=0.0, seed=7, grads=("x", "b", "A", "B"), g=None, **kw):
+    """Forward + backward through lora_linear; {name: tensor} for y and each requested gradient."""
+    x = x.detach().requires_grad_("x" in grads)
+    w = w.detach().requires_grad_("W" in grads)
+    b = None if b is None else b.detach().requires_grad_("b" in grads)
+    a = a.detach().requires_grad_("A" in grads)
+    bb = bb.detach().requires_grad_("B" in grads)
+    y = lora_linear(x, w, b, a, bb, scale, p, seed=seed, backend=backend, **kw)
+    out = {"y": y.detach()}
+    inputs = {"x": x, "W": w, "b": b, "A": a, "B": bb}
+    wanted = [nm for nm in grads if inputs[nm] is not None]
+    if wanted:
+        gy = g if g is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+        res = torch.autograd.grad(y, [inputs[nm] for nm in wanted], gy.to(y.dtype))
+        out.update({"d" + nm: t for nm, t in zip(wanted, res)})
+    return out
+
+
+def check_against_oracle(x, w, b, a, bb, atol_rel=1e-6, g=None, **kw):
+    """The cuda result vs the fp64 torch evaluation, bound from torch's own error in the same dtypes."""
+    if g is None:
+        gen = torch.Generator().manual_seed(1)
+        g = torch.randn((*x.shape[:-1], w.shape[0]), generator=gen).to(device=x.device, dtype=x.dtype)
+    cu = run("cuda", x, w, b, a, bb, g=g, **kw)
+    ref = run("torch", *(t.double() if t is not None else None for t in (x, w, b, a, bb)), g=g.double(), **kw)
+    tor = run("torch", x, w, b, a, bb, g=g, **kw)
+    assert cu.keys() == ref.keys()
+    for name in cu:
+        assert cu[name].dtype == tor[name].dtype and cu[name].shape == tor[name].shape, name
+        atol = atol_rel * max(ref[name].abs().max().item() if ref[name].numel() else 0.0, 1.0)
+        assert_close_to_oracle(cu[name], ref[name], tor[name], name, atol=atol)
+    return cu
+
+
+def cuda_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels `fn` launches (memsets/memcpys excluded), via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [nm for nm in names if not nm.lower().startswith(("memset", "memcpy"))]
+
+
+def ours(names: list[str]) -> list[str]:
+    return [nm for nm in names if "lora_fwd_kernel" in nm or "lora_bwd_kernel" in nm or "lora_bwd_reduce" in nm]
+
+
+# ---------------------------------------------------------------------------------------------- oracle matrix
+SHAPES = [  # (M, K, N, r): M in {1, 7, 129}; K, N never multiples of the 32/128-wide tiles; r in {1, 3, 16, 100}
+    pytest.param(1, 40, 72, 1, id="M1-K40-N72-r1"),
+    pytest.param(7, 100, 90, 3, id="M7-K100-N90-r3"),
+    pytest.param(129, 257, 130, 16, id="M129-K257-N130-r16"),
+    pytest.param(33, 65, 300, 100, id="M33-K65-N300-r100"),
+    pytest.param(200, 136, 260, 16, id="M200-K136-N260-r16"),
+]
+DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.float16, torch.bfloat16)]
+MODES = [pytest.param(False, id="atomic"), pytest.param(True, id="deterministic")]
+
+
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_oracle(dtype, m, k, n, r, bias, deterministic):
+    check_against_oracle(*make_inputs(m, k, n, r, dtype, bias=bias), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_oracle(dtype, deterministic):
+    """The torch path regenerates the same mask from (seed, offset): a different mask would miss by O(1)."""
+    check_against_oracle(*make_inputs(70, 100, 90, 5, dtype), p=0.3, seed=123, offset=11, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_adapters_low_precision_activations(dtype):
+    cu = check_against_oracle(*make_inputs(50, 100, 70, 8, dtype, adapter_dtype=torch.float32), p=0.2)
+    assert cu["dA"].dtype == cu["dB"].dtype == torch.float32 and cu["y"].dtype == dtype
+
+
+def test_3d_input():
+    check_against_oracle(*make_inputs(0, 72, 40, 4, torch.bfloat16, lead=(3, 23)))
+
+
+@pytest.mark.parametrize("layout", ["transposed-2d", "transposed-3d", "sliced-3d"])
+def test_non_contiguous_input(layout):
+    x, w, b, a, bb = make_inputs(0, 72, 40, 4, torch.float16, lead=(2, 21))
+    if layout == "transposed-2d":
+        x = x.reshape(42, 72).t().contiguous().t()  # strides (1, 42): the kernel reads it strided
+    elif layout == "transposed-3d":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # no 2-D view: reshape copies (documented)
+    else:
+        x = torch.cat([x, x], dim=-1)[..., ::2]  # stride 2 along K, rows flatten to a strided 2-D view
+    assert not x.is_contiguous()
+    check_against_oracle(x, w, b, a, bb, p=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rank_256(dtype):
+    check_against_oracle(*make_inputs(20, 64, 40, 256, dtype), p=0.1)
+
+
+def test_only_needed_grads():
+    """x frozen (first layer: the kernel skips the G·W MMA), or only dx, or only the bias grad."""
+    check_against_oracle(*make_inputs(40, 70, 50, 4, torch.float32), grads=("A", "B"))
+    check_against_oracle(*make_inputs(40, 70, 50, 4, torch.bfloat16), grads=("A", "B"))
+    check_against_oracle(*make_inputs(40, 70, 50, 4, torch.float32), grads=("x",))
+    check_against_oracle(*make_inputs(40, 70, 50, 4, torch.float32), grads=("b",))
+
+
+def test_trainable_base_weight():
+    """Full fine-tuning: dW = Gᵀ X from cuBLAS next to the fused kernel."""
+    check_against_oracle(*make_inputs(30, 70, 50, 4, torch.bfloat16), grads=("x", "W", "b", "A", "B"))
+
+
+def test_expanded_grad():
+    """y.sum().backward() hands the op a stride-0 grad: the kernel reads it through its strides."""
+    x, w, b, a, bb = make_inputs(9, 40, 33, 4, torch.float32)
+    g = torch.ones(1, 1, device=DEV).expand(9, 33)
+    assert g.stride() == (0, 0)
+    check_against_oracle(x, w, b, a, bb, g=g)
+
+
+def test_m_zero_launches_nothing():
+    x, w, b, a, bb = make_inputs(0, 40, 30, 4, torch.float32, lead=(0, 5))
+    box = {}
+    names = cuda_kernels(lambda: box.update(run("cuda", x, w, b, a, bb)))
+    assert ours(names) == []
+    out = box
+    assert out["y"].shape == (0, 5, 30) and out["dx"].shape == x.shape
+    for name in ("db", "dA", "dB"):
+        assert torch.count_nonzero(out[name]) == 0, name
+
+
+# ---------------------------------------------------------------------------------------------- dropout mask bits
+@pytest.mark.parametrize(
+    "seed, offset",
+    [(5, 0), (2**40 + 5, 2**32 - 1000), (2**63 - 1, 123)],
+    ids=["small", "offset-wraps-32bit", "maxseed"],
+)
+def test_dropout_mask_equals_rng(seed, offset):
+    """The forward's and the backward's masks, read back exactly, equal lora_kernels._rng.dropout_keep_mask.
+
+    Forward: x = 1, W = 0, A = B = I (r = K = N) -> y = s · Z / (1-p).
+    Backward: G = 1, W = 0, B = 1, A = 1 (r = 1) -> dx = s · N · Z / (1-p).
+    """
+    m, k, p = 129, 200, 0.3
+    opts = dict(seed=seed, offset=offset)
+    x = torch.ones(m, k, device=DEV)
+    eye = torch.eye(k, device=DEV)
+    y = lora_linear(x, torch.zeros(k, k, device=DEV), None, eye, eye, 1.0, p, backend="cuda", **opts)
+    want = _rng.dropout_keep_mask(seed, offset, m, k, p, device=DEV)
+    assert torch.equal(y != 0, want), "forward mask differs from lora_kernels._rng"
+    assert torch.allclose(y[want], torch.full_like(y[want], 1.0 / (1.0 - p)))
+
+    k2, n2 = 300, 8
+    x2 = torch.ones(m, k2, device=DEV, requires_grad=True)
+    y2 = lora_linear(
+        x2,
+        torch.zeros(n2, k2, device=DEV),
+        None,
+        torch.ones(1, k2, device=DEV),
+        torch.ones(n2, 1, device=DEV),
+        1.0,
+        p,
+        backend="cuda",
+        **opts,
+    )
+    (dx,) = torch.autograd.grad(y2, [x2], torch.ones_like(y2))
+    want2 = _rng.dropout_keep_mask(seed, offset, m, k2, p, device=DEV)
+    assert torch.equal(dx != 0, want2), "backward mask differs from lora_kernels._rng"
+
+
+# ---------------------------------------------------------------------------------------------- determinism, launches
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_mode_is_bit_reproducible(dtype):
+    inputs = make_inputs(300, 520, 390, 16, dtype)
+    first = run("cuda", *inputs, p=0.1, deterministic=True)
+    for _ in range(2):
+        again = run("cuda", *inputs, p=0.1, deterministic=True)
+        for name in first:
+            assert torch.equal(first[name], again[name]), f"{name} differs between deterministic runs"
+    check_against_oracle(*inputs, p=0.1, deterministic=True)
+
+
+@pytest.mark.parametrize("deterministic", MODES)
+def test_launch_counts(deterministic):
+    """Forward: one kernel in all. Backward: one kernel (atomics) or two (deterministic), nothing else."""
+    x, w, b, a, bb = make_inputs(0, 300, 200, 8, torch.bfloat16, lead=(3, 50))
+    x.requires_grad_(True), a.requires_grad_(True), bb.requires_grad_(True)
+    g = torch.randn(3, 50, 200, device=DEV, dtype=torch.bfloat16)
+    box = {}
+
+    def fwd():
+        box["y"] = lora_linear(x, w, b, a, bb, 2.0, 0.1, seed=3, backend="cuda", deterministic=deterministic)
+
+    fwd_names = cuda_kernels(fwd)
+    assert len(fwd_names) == 1 and "lora_fwd_kernel" in fwd_names[0], fwd_names
+    bwd_names = cuda_kernels(lambda: box["y"].backward(g))
+    want = 2 if deterministic else 1
+    assert len(ours(bwd_names)) == want, bwd_names
+    assert len(bwd_names) == want, f"extra kernels in backward: {bwd_names}"
+
+
+def test_realistic_bf16():
+    """M=8192 tokens, K=N=4096, r=16, bf16 with fp32 adapters (PEFT's default), dropout 0.05, both modes."""
+    inputs = make_inputs(8192, 4096, 4096, 16, torch.bfloat16, adapter_dtype=torch.float32, bias=False)
+    check_against_oracle(*inputs, p=0.05)
+    check_against_oracle(*inputs, p=0.05, deterministic=True)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def test_backend_selection_and_refusals():
+    x, w, b, a, bb = make_inputs(5, 40, 30, 4, torch.bfloat16)
+    assert lora_kernels.backend_info()["backends"]["cuda"]["available"]
+    lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
+    with pytest.raises(lora_kernels.BackendUnavailableError, match="float64"):
+        lora_linear(x.double(), w.double(), None, a.double(), bb.double(), 1.0, backend="cuda")
+    r_mid = torch.eye(4, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(lora_kernels.BackendUnavailableError, match="lora_R"):
+        lora_linear(x, w, b, a, bb, 1.0, lora_R=r_mid, backend="cuda")
+    with pytest.raises(lora_kernels.BackendUnavailableError, match="r <= 256"):
+        a5, b5 = make_inputs(5, 40, 30, 257, torch.bfloat16)[3:]
+        lora_linear(x, w, b, a5, b5, 1.0, backend="cuda")
