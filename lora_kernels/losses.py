@@ -308,6 +308,9 @@ def enable_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None, g
     """Make ``model(input_ids, labels=..., num_items_in_batch=...)`` compute the chunked loss and return
     ``logits=None``; calls without ``labels`` (generation, logits for evaluation) are unchanged.
 
+    ``shift_labels=`` (HF's keyword for targets already aligned with the positions) is used as is, without the
+    shift; ``num_items_in_batch=1`` turns the mean into the sum (what a loop that normalises itself wants).
+
     Done by swapping ``model.__class__`` for a subclass (state_dict, ``isinstance`` and ``save_pretrained`` are
     unaffected), so the loss runs inside ``model.__call__``: DDP's and FSDP2's forward hooks see it.
     Returns ``model``. :func:`disable_chunked_loss` undoes it.
@@ -321,7 +324,8 @@ def enable_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None, g
     if cls not in _CHUNKED_CLASSES:
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
-            if labels is None:
+            shift_labels = kwargs.pop("shift_labels", None)
+            if labels is None and shift_labels is None:
                 return cls.forward(
                     self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
                 )
@@ -332,7 +336,19 @@ def enable_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None, g
                 kwargs.pop(k, None)
             hidden = _decoder_hidden(self, input_ids, attention_mask, position_ids, **kwargs)
             cs, gm = self._lk_chunked
-            loss = _shifted_head_loss(self, hidden, labels, n_items, cs, gm, -100)
+            if shift_labels is not None:  # HF's name for targets already aligned with the hidden rows
+                head = self.get_output_embeddings()
+                loss = chunked_linear_cross_entropy(
+                    hidden,
+                    head.weight,
+                    shift_labels,
+                    getattr(head, "bias", None),
+                    num_items_in_batch=n_items,
+                    chunk_size=cs,
+                    grad_mode=gm,
+                )
+            else:
+                loss = _shifted_head_loss(self, hidden, labels, n_items, cs, gm, -100)
             return CausalLMOutputWithPast(loss=loss, logits=None)
 
         _CHUNKED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_lk_chunked_base": cls})

@@ -248,6 +248,9 @@ def test_enable_chunked_loss_routes_model_call():
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
     assert torch.equal(model(input_ids=ids).logits, logits)  # no labels: the original forward
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGN)[:, 1:]
+    total = model(input_ids=ids, shift_labels=shifted, num_items_in_batch=1).loss  # the sum over targets
+    torch.testing.assert_close(total / 11, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
     disable_chunked_loss(model)
     assert model(input_ids=ids, labels=labels).logits is not None
     with pytest.raises(ValueError, match="chunk_size"):
