@@ -74,15 +74,15 @@ def _compile_all(capability: int) -> dict:
     from lora_kernels.triton.forward import lora_fwd_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
-    f32 = {n: "*fp32" for n in ("a_ptr", "b_ptr", "xa_ptr", "da_ptr", "db_ptr", "dbias_ptr")}  # fp32 adapters
-    common = dict(HAS_DROPOUT=True, R_PAD=16, IEEE=False, INTERPRET=False, GROUP_M=8)
+    f32 = {n: "*fp32" for n in ("a_ptr", "b_ptr", "rm_ptr", "xa_ptr", "da_ptr", "db_ptr", "dbias_ptr", "drm_ptr")}
+    common = dict(HAS_DROPOUT=True, HAS_R=True, R_PAD=16, IEEE=False, INTERPRET=False, GROUP_M=8)
     fwd = compile_for(
         lora_fwd_kernel, {**act, **f32}, dict(common, HAS_BIAS=True, XA_MODE=0, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
         capability, 8, 3,
     )  # fmt: skip
     bwd = compile_for(
         lora_bwd_kernel, {**act, **f32},
-        dict(common, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, DETERMINISTIC=False,
+        dict(common, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, NEED_DR=True, DETERMINISTIC=False,
              BLOCK_M=128, BLOCK_N=64, BLOCK_K=128),
         capability, 8, 3,
     )  # fmt: skip

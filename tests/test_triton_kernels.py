@@ -66,16 +66,17 @@ def make_inputs(m, k, n, r, dtype, adapter_dtype=None, bias=True, device=DEVICE,
     return x, w, b, a, bb
 
 
-def run(backend, x, w, b, a, bb, scale=2.0, p=0.0, seed=7, grads=("x", "b", "A", "B"), g=None, **kw):
-    """Forward + backward through lora_linear; returns {name: tensor} for y and each requested gradient."""
+def run(backend, x, w, b, a, bb, scale=2.0, p=0.0, seed=7, grads=("x", "b", "A", "B", "R"), g=None, rm=None, **kw):
+    """Forward + backward through lora_linear (``rm``: lora_R); returns {name: tensor} for y and each gradient."""
     x = x.detach().requires_grad_("x" in grads)
     w = w.detach().requires_grad_("W" in grads)
     b = None if b is None else b.detach().requires_grad_("b" in grads)
     a = a.detach().requires_grad_("A" in grads)
     bb = bb.detach().requires_grad_("B" in grads)
-    y = lora_linear(x, w, b, a, bb, scale, p, seed=seed, backend=backend, **kw)
+    rm = None if rm is None else rm.detach().requires_grad_("R" in grads)
+    y = lora_linear(x, w, b, a, bb, scale, p, seed=seed, backend=backend, lora_R=rm, **kw)
     out = {"y": y.detach()}
-    inputs = {"x": x, "W": w, "b": b, "A": a, "B": bb}
+    inputs = {"x": x, "W": w, "b": b, "A": a, "B": bb, "R": rm}
     wanted = [nm for nm in grads if inputs[nm] is not None]
     if wanted:
         gy = g if g is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
@@ -84,13 +85,14 @@ def run(backend, x, w, b, a, bb, scale=2.0, p=0.0, seed=7, grads=("x", "b", "A",
     return out
 
 
-def check_against_oracle(x, w, b, a, bb, atol_rel=1e-6, **kw):
+def check_against_oracle(x, w, b, a, bb, atol_rel=1e-6, rm=None, **kw):
     """The triton result vs the fp64 torch evaluation, bound from torch's own error in the same dtypes."""
     gen = torch.Generator().manual_seed(1)
     g = torch.randn((*x.shape[:-1], w.shape[0]), generator=gen).to(device=x.device, dtype=x.dtype)
-    tri = run("triton", x, w, b, a, bb, g=g, **kw)
-    ref = run("torch", *(t.double() if t is not None else None for t in (x, w, b, a, bb)), g=g.double(), **kw)
-    tor = run("torch", x, w, b, a, bb, g=g, **kw)
+    tri = run("triton", x, w, b, a, bb, g=g, rm=rm, **kw)
+    rm64 = None if rm is None else rm.double()
+    ref = run("torch", *(t.double() if t is not None else None for t in (x, w, b, a, bb)), g=g.double(), rm=rm64, **kw)
+    tor = run("torch", x, w, b, a, bb, g=g, rm=rm, **kw)
     assert tri.keys() == ref.keys()
     for name in tri:
         assert tri[name].dtype == tor[name].dtype and tri[name].shape == tor[name].shape, name
@@ -191,12 +193,12 @@ def _mask_from_kernels(m, k, p, seed, offset):
     """
     x = torch.ones(m, k, device=DEVICE)
     eye = torch.eye(k, device=DEVICE)
-    _, xa = lora_fwd(x, torch.zeros(1, k, device=DEVICE), None, eye, torch.zeros(1, k, device=DEVICE), 1.0, p, seed,
-                     offset, False)  # fmt: skip
+    _, xa = lora_fwd(x, torch.zeros(1, k, device=DEVICE), None, eye, torch.zeros(1, k, device=DEVICE), None, 1.0, p,
+                     seed, offset, False)  # fmt: skip
     one_a, one_b = torch.ones(1, k, device=DEVICE), torch.ones(8, 1, device=DEVICE)
     xa1 = torch.zeros(m, 1, device=DEVICE)
-    dx, _ = lora_bwd(torch.ones(m, 8, device=DEVICE), x, torch.zeros(8, k, device=DEVICE), one_a, one_b, xa1, 1.0, p,
-                     seed, offset, True, False, False, False, False)  # fmt: skip
+    dx, _ = lora_bwd(torch.ones(m, 8, device=DEVICE), x, torch.zeros(8, k, device=DEVICE), one_a, one_b, None, xa1,
+                     1.0, p, seed, offset, True, False, False, False, False, False)  # fmt: skip
     return xa != 0, dx != 0
 
 
@@ -298,8 +300,6 @@ def test_supports_reasons():
     opts = LoRAOpts(scale=1.0)
     ok, why = supports(x.double(), w.double(), None, a.double(), bb.double(), None, opts)
     assert not ok and "float64" in why
-    ok, why = supports(x, w, b, a, bb, torch.eye(2), opts)
-    assert not ok and "lora_R" in why
     ok, why = supports(x, w, b, torch.randn(300, 16), torch.randn(8, 300), None, opts)
     assert not ok and "rank" in why
     ok, why = supports(x, w, b, a, bb, None, opts)
@@ -309,16 +309,39 @@ def test_supports_reasons():
 
 
 @needs_runnable
-def test_opcheck():
+@pytest.mark.parametrize("with_r", [False, True], ids=["no-R", "lora_R"])
+def test_opcheck(with_r):
     x, w, b, a, bb = make_inputs(9, 40, 24, 3, torch.float32)
-    x.requires_grad_()
-    a.requires_grad_()
-    bb.requires_grad_()
-    torch.library.opcheck(lora_fwd, (x, w, b, a, bb, 2.0, 0.25, 3, 0, False))
+    rm = torch.randn(3, 3, device=DEVICE, requires_grad=True) if with_r else None
+    for t in (x, a, bb):
+        t.requires_grad_()
+    torch.library.opcheck(lora_fwd, (x, w, b, a, bb, rm, 2.0, 0.25, 3, 0, False))
     xa = torch.randn(9, 3, device=DEVICE)
     g = torch.randn(9, 24, device=DEVICE)
-    torch.library.opcheck(lora_bwd, (g, x.detach(), w, a.detach(), bb.detach(), xa, 2.0, 0.25, 3, 0, True, True,
-                                     True, True, True))  # fmt: skip
+    rm_ = None if rm is None else rm.detach()
+    args = (g, x.detach(), w, a.detach(), bb.detach(), rm_, xa, 2.0, 0.25, 3, 0, True, True, True, True, with_r, True)
+    torch.library.opcheck(lora_bwd, args)
+
+
+# ------------------------------------------------------------------ lora_R (issue 8's subspace method)
+@needs_runnable
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_r_matches_oracle(dtype):
+    """Y = XWᵀ + b + s·((X⊙Z)Aᵀ Rᵀ)Bᵀ; every gradient incl. dR = s·(GB)ᵀ XA, with dropout."""
+    x, w, b, a, bb = make_inputs(70, 100, 90, 5, dtype, adapter_dtype=torch.float32)
+    rm = torch.randn(5, 5, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    check_against_oracle(x, w, b, a, bb, rm=rm, p=0.2)
+
+
+@needs_runnable
+def test_lora_r_deterministic_and_partial_grads():
+    x, w, b, a, bb = make_inputs(129, 70, 50, 4, torch.bfloat16)
+    rm = torch.randn(4, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    r1 = check_against_oracle(x, w, b, a, bb, rm=rm, grads=("x", "R"), deterministic=True)
+    r2 = run("triton", x, w, b, a, bb, rm=rm, grads=("x", "R"), deterministic=True)
+    assert r1.keys() == {"y", "dx", "dR"}
+    for name in r1:
+        assert torch.equal(r1[name], r2[name]), name
 
 
 @needs_runnable

@@ -23,8 +23,6 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[b
             False,
             f"triton kernels support float32/float16/bfloat16 activations, got {x.dtype} (use backend='torch')",
         )
-    if lora_R is not None:
-        return False, "lora_R (the subspace method's middle matrix) is not supported by the triton kernels"
     if lora_A.shape[0] > MAX_RANK:
         return False, f"triton kernels support rank r <= {MAX_RANK}, got r={lora_A.shape[0]}"
     return True, "fused triton kernels"
@@ -34,6 +32,6 @@ def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tens
     from .ops import lora_fwd
 
     y, _ = lora_fwd(
-        x, weight, bias, lora_A, lora_B, opts.scale, opts.dropout_p, opts.seed, opts.offset, opts.deterministic
+        x, weight, bias, lora_A, lora_B, lora_R, opts.scale, opts.dropout_p, opts.seed, opts.offset, opts.deterministic
     )
     return y

@@ -1,12 +1,15 @@
-"""Backward kernel: ``dX``, ``dA``, ``dB``, ``db`` in one launch (two in deterministic mode).
+"""Backward kernel: ``dX``, ``dA``, ``dB``, ``db`` (and ``dR``) in one launch (two in deterministic mode).
 
-Chain rule (DESIGN.md), ``G = dY [M, N]``, ``Z`` the forward's dropout mask (regenerated, never stored)::
+Chain rule (DESIGN.md), ``G = dY [M, N]``, ``Z`` the forward's dropout mask (regenerated, never stored),
+optional middle matrix ``R [r, r]`` (identity when absent; HAS_R)::
 
-    GB = G B                    [M, r]
-    dX = G W + s·(GB A) ⊙ Z     [M, K]
-    dA = s·GBᵀ (X ⊙ Z)          [r, K]
-    dB = s·Gᵀ XA                [N, r]     XA saved by the forward (fp32)
-    db = Σ_rows G               [N]
+    GB  = G B                   [M, r]
+    GBR = GB R                  [M, r]
+    dX  = G W + s·(GBR A) ⊙ Z   [M, K]
+    dA  = s·GBRᵀ (X ⊙ Z)        [r, K]
+    dB  = s·Gᵀ (XA Rᵀ)          [N, r]     XA saved by the forward (fp32)
+    dR  = s·GBᵀ XA              [r, r]     added by the programs of k-column 0
+    db  = Σ_rows G              [N]
 
 Program ``(pid_m, pid_k)`` owns a ``[BM, BK]`` tile of dX and walks all of N, so its rows' GB is complete
 inside the program::
@@ -18,8 +21,9 @@ inside the program::
         gb  += g @ B[j-tile, :R_PAD]                # same g tile; extra MMA work R_PAD/BK
     for j in range(pid_k, cdiv(N, BN), num_pid_k):  # dB / db work spread evenly over the k-columns
         g = G[m-tile, j-tile]
-        dB[j-tile, :]  += s·gᵀ @ XA[m-tile, :]        (atomic, or a store into this row-tile's partial)
+        dB[j-tile, :]  += gᵀ @ (s·XA Rᵀ)[m-tile, :]        (atomic, or a store into this row-tile's partial)
         db[j-tile]     += Σ_rows g
+    if HAS_R: dR += (s·gb)ᵀ @ XA[m-tile] (pid_k == 0) ;  gb = gb @ R
     Z = mask(m-tile, k-tile)
     dX[m-tile, k-tile] = acc + (s·gb @ A[:, k-tile]) ⊙ Z
     dA[:, k-tile]     += (s·gb)ᵀ @ (X[m-tile, k-tile] ⊙ Z)
@@ -57,11 +61,13 @@ def lora_bwd_kernel(
     w_ptr,
     a_ptr,
     b_ptr,
+    rm_ptr,  # lora_R [r, r], unused unless HAS_R
     xa_ptr,  # [M, R] fp32 contiguous, from the forward
     dx_ptr,  # [M, K] activation dtype
     da_ptr,  # fp32 [R, K] (row-major) inside the flat gradient buffer
     db_ptr,  # fp32 [N, R]
     dbias_ptr,  # fp32 [N]
+    drm_ptr,  # fp32 [R, R]
     # sizes
     M,
     N,
@@ -82,6 +88,8 @@ def lora_bwd_kernel(
     stride_a_k,
     stride_b_n,
     stride_b_r,
+    stride_rm_i,
+    stride_rm_j,
     stride_dx_m,
     stride_dx_k,
     stride_part,  # elements between two row-tiles' partial sums (DETERMINISTIC); unused with atomics
@@ -97,6 +105,8 @@ def lora_bwd_kernel(
     NEED_DA: tl.constexpr,
     NEED_DB: tl.constexpr,
     NEED_DBIAS: tl.constexpr,
+    NEED_DR: tl.constexpr,
+    HAS_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -123,13 +133,27 @@ def lora_bwd_kernel(
         da_ptr += part
         db_ptr += part
         dbias_ptr += part
+        drm_ptr += part
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     gb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if NEED_DB:
+    if HAS_R:  # R tile [R_PAD, R_PAD]
+        rm = tl.load(
+            rm_ptr + offs_r[:, None] * stride_rm_i + offs_r[None, :] * stride_rm_j,
+            mask=r_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        rm = cast(rm, dt, INTERPRET)
+    if NEED_DB or NEED_DR:
         xa = tl.load(xa_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        xa = cast(xa * scale, dt, INTERPRET)
-    if NEED_DX or NEED_DA:
+    if NEED_DB:
+        xr = xa
+        if HAS_R:  # XA Rᵀ
+            xr = dot(
+                cast(xa, dt, INTERPRET), tl.trans(rm), tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), IEEE, INTERPRET
+            )
+        xr = cast(xr * scale, dt, INTERPRET)
+    if NEED_DX or NEED_DA or NEED_DR:
         for j in range(0, tl.cdiv(N, BLOCK_N)):
             offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
@@ -158,7 +182,7 @@ def lora_bwd_kernel(
             n_mask = offs_n < N
             g = tl.load(g_rows + offs_n[None, :] * stride_g_n, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             if NEED_DB:
-                part_b = dot(tl.trans(g), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), IEEE, INTERPRET)
+                part_b = dot(tl.trans(g), xr, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), IEEE, INTERPRET)
                 _accumulate(
                     db_ptr + offs_n[:, None] * R + offs_r[None, :],
                     part_b,
@@ -168,7 +192,24 @@ def lora_bwd_kernel(
             if NEED_DBIAS:
                 _accumulate(dbias_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0), n_mask, DETERMINISTIC)
 
+    if NEED_DR:
+        if pid_k == 0:  # dR = s·GBᵀ XA: GB is complete in every k-column; column 0 contributes it
+            part_r = dot(
+                tl.trans(cast(gb * scale, dt, INTERPRET)),
+                cast(xa, dt, INTERPRET),
+                tl.zeros((R_PAD, R_PAD), dtype=tl.float32),
+                IEEE,
+                INTERPRET,
+            )
+            _accumulate(
+                drm_ptr + offs_r[:, None] * R + offs_r[None, :],
+                part_r,
+                r_mask[:, None] & r_mask[None, :],
+                DETERMINISTIC,
+            )
     if NEED_DX or NEED_DA:
+        if HAS_R:  # GBR = GB R
+            gb = dot(cast(gb, dt, INTERPRET), rm, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), IEEE, INTERPRET)
         gb = cast(gb * scale, dt, INTERPRET)
         if HAS_DROPOUT:
             keep = keep_mask(offs_m, offs_k, K, drop_offset, key_lo, key_hi, drop_threshold)

@@ -1,4 +1,4 @@
-"""Forward kernel: ``Y = X Wᵀ + b + s·(X⊙Z) Aᵀ Bᵀ`` and ``XA = (X⊙Z) Aᵀ`` (fp32), one launch.
+"""Forward kernel: ``Y = X Wᵀ + b + s·(X⊙Z) Aᵀ [Rᵀ] Bᵀ`` and ``XA = (X⊙Z) Aᵀ`` (fp32), one launch.
 
 Shapes: ``X [M, K]`` (any strides; leading dims collapsed to two levels, see launch.py), ``W [N, K]``,
 ``A [r, K]``, ``B [N, r]``, ``Y [M, N]``, ``XA [M, r]``. The rank is padded inside the kernel to
@@ -12,7 +12,8 @@ Fused plan (XA_MODE = 0, default: one launch). Program ``(pid_m, pid_n)`` owns a
         acc += x @ Wᵀ[k:k+BK, n-tile]                 # the base GEMM
         xd = x ⊙ Z[m-tile, k:k+BK]                    # mask regenerated from (seed, offset, m*K+k): never stored
         xa += xd @ Aᵀ[k:k+BK, :R_PAD]                 # extra MMA work: R_PAD/BN of the base (16/128 = 12.5%)
-    acc += (s·xa) @ Bᵀ[:R_PAD, n-tile] + b[n-tile]
+    if HAS_R: xr = xa @ Rᵀ  else: xr = xa           # lora_R: the subspace method's [r, r] middle matrix
+    acc += (s·xr) @ Bᵀ[:R_PAD, n-tile] + b[n-tile]
     Y[m-tile, n-tile] = acc  (cast to the activation dtype at the store)
     if pid_n == 0: XA[m-tile, :r] = xa               (fp32; every column computes the same xa, one stores it)
 
@@ -42,6 +43,7 @@ def lora_fwd_kernel(
     bias_ptr,  # unused unless HAS_BIAS
     a_ptr,
     b_ptr,
+    rm_ptr,  # lora_R [r, r], unused unless HAS_R
     y_ptr,
     xa_ptr,  # [M, R] fp32, contiguous: written (XA_MODE 0, 2) or read (XA_MODE 1)
     # sizes
@@ -60,6 +62,8 @@ def lora_fwd_kernel(
     stride_a_k,
     stride_b_n,
     stride_b_r,
+    stride_rm_i,
+    stride_rm_j,
     stride_y_m,
     stride_y_n,
     # scalars
@@ -72,6 +76,7 @@ def lora_fwd_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_R: tl.constexpr,
     XA_MODE: tl.constexpr,  # 0 fused (XA in the K-loop), 1 split: load XA, 2 split: XA only
     R_PAD: tl.constexpr,
     IEEE: tl.constexpr,
@@ -136,7 +141,15 @@ def lora_fwd_kernel(
             mask=n_mask[None, :] & r_mask[:, None],
             other=0.0,
         )
-        acc = dot(cast(xa * scale, dt, INTERPRET), cast(bt, dt, INTERPRET), acc, IEEE, INTERPRET)
+        xr = xa
+        if HAS_R:  # XA Rᵀ: Rᵀ tile [R_PAD, R_PAD], element (j, i) = R[i, j]
+            rt = tl.load(
+                rm_ptr + offs_r[None, :] * stride_rm_i + offs_r[:, None] * stride_rm_j,
+                mask=r_mask[None, :] & r_mask[:, None],
+                other=0.0,
+            )
+            xr = dot(cast(xa, dt, INTERPRET), cast(rt, dt, INTERPRET), tl.zeros_like(xa), IEEE, INTERPRET)
+        acc = dot(cast(xr * scale, dt, INTERPRET), cast(bt, dt, INTERPRET), acc, IEEE, INTERPRET)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(

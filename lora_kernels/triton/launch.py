@@ -110,13 +110,14 @@ def rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     return t, groups[1][0], groups[0][1], groups[1][1], last
 
 
-def grad_layout(r: int, k: int, n: int, need_da: bool, need_db: bool, need_dbias: bool) -> tuple[int, int, int, int]:
-    """Offsets of dA [r, K], dB [N, r], db [N] in the flat fp32 gradient buffer, and its length (unused: -1)."""
+def grad_layout(r: int, k: int, n: int, need_da: bool, need_db: bool, need_dbias: bool, need_dr: bool = False):
+    """``(off_dA, off_dB, off_db, off_dR, length)``: where dA [r, K], dB [N, r], db [N] and dR [r, r] (row-major)
+    sit in the flat fp32 gradient buffer (-1: not computed), and the buffer's length."""
     off, out = 0, []
-    for need, size in ((need_da, r * k), (need_db, n * r), (need_dbias, n)):
+    for need, size in ((need_da, r * k), (need_db, n * r), (need_dbias, n), (need_dr, r * r)):
         out.append(off if need else -1)
         off += size if need else 0
-    return out[0], out[1], out[2], off
+    return (*out, off)
 
 
 def _device_guard(t: torch.Tensor):
@@ -132,7 +133,7 @@ def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset, plan=None):
+def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan=None):
     """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` fp32. One launch (fused plan), two (split)."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     m = math.prod(x.shape[:-1])
@@ -145,6 +146,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset
     plan = plan or get_forward_plan()
     xs, seq, sxb, sxm, sxk = rows_view(x)
     rp = r_pad(r)
+    rm = lora_R if lora_R is not None else lora_A  # any valid pointer when HAS_R is off
     key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
     interpret = configs.interpreting()
 
@@ -153,19 +155,19 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset
         grid = (triton.cdiv(m, bm) if xa_mode == 2 else triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _launch(
             lora_fwd_kernel, grid,
-            xs, weight, bias if bias is not None else weight, lora_A, lora_B, y, xa,
+            xs, weight, bias if bias is not None else weight, lora_A, lora_B, rm, y, xa,
             m, n, k, r, seq,
             sxb, sxm, sxk, weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), n, 1,
+            lora_B.stride(0), lora_B.stride(1), rm.stride(0), rm.stride(1), n, 1,
             float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
-            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, XA_MODE=xa_mode, R_PAD=rp,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, HAS_R=lora_R is not None, XA_MODE=xa_mode, R_PAD=rp,
             IEEE=x.dtype == torch.float32, INTERPRET=interpret,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
             count=count,
         )  # fmt: skip
 
     cands = configs.candidates("fwd", m, rp, str(x.dtype).split(".")[-1], _capability(x))
-    key = (configs.m_bucket(m), n, k, rp, x.dtype, bias is not None, dropout_p > 0)
+    key = (configs.m_bucket(m), n, k, rp, x.dtype, bias is not None, dropout_p > 0, lora_R is not None)
     with _device_guard(x):
         modes = (0,) if plan == "fused" else (2, 1)
         for mode in modes:
@@ -176,14 +178,15 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset
 
 # ---------------------------------------------------------------------------------------------- backward
 def lora_backward(
-    g, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, offset,
-    need_dx, need_da, need_db, need_dbias, deterministic,
+    g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset,
+    need_dx, need_da, need_db, need_dbias, need_dr, deterministic,
 ):  # fmt: skip
     """``(dx, flat)``: dX (``x.shape``, x's dtype; empty when not needed) and the fp32 buffer of
-    ``grad_layout`` holding ``s·dA``, ``s·dB`` and ``db``. One launch; deterministic mode at most two."""
+    ``grad_layout`` holding dA, dB, db and dR. One launch; deterministic mode at most two."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     m = math.prod(x.shape[:-1])
-    off_da, off_db, off_dbias, length = grad_layout(r, k, n, need_da, need_db, need_dbias)
+    need_dr = need_dr and lora_R is not None
+    off_da, off_db, off_dbias, off_dr, length = grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)
     dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
     if m == 0 or not (need_dx or length):
         return dx, torch.zeros(length, dtype=torch.float32, device=x.device)
@@ -193,6 +196,7 @@ def lora_backward(
     xs, seq_x, sxb, sxm, sxk = rows_view(x)
     dx2 = dx.view(m, k) if need_dx else dx
     rp = r_pad(r)
+    rm = lora_R if lora_R is not None else lora_A  # any valid pointer when HAS_R is off
     key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
     interpret = configs.interpreting()
 
@@ -205,21 +209,22 @@ def lora_backward(
         grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
         _launch(
             lora_bwd_kernel, grid,
-            gs, xs, weight, lora_A, lora_B, xa, dx2 if need_dx else gs, seg(off_da), seg(off_db), seg(off_dbias),
+            gs, xs, weight, lora_A, lora_B, rm, xa, dx2 if need_dx else gs,
+            seg(off_da), seg(off_db), seg(off_dbias), seg(off_dr),
             m, n, k, r, seq_g, seq_x,
             sgb, sgm, sgn, sxb, sxm, sxk, weight.stride(0), weight.stride(1),
-            lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+            lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), rm.stride(0), rm.stride(1),
             k, 1, stride_part,
             float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
-            NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias,
-            HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
+            NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias, NEED_DR=need_dr,
+            HAS_R=lora_R is not None, HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
             IEEE=x.dtype == torch.float32, INTERPRET=interpret,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
             count=count,
         )  # fmt: skip
 
     cands = configs.candidates("bwd", m, rp, str(x.dtype).split(".")[-1], _capability(x))
-    key = (configs.m_bucket(m), n, k, rp, x.dtype, need_dx, need_da, need_db, need_dbias, deterministic)
+    key = (configs.m_bucket(m), n, k, rp, x.dtype, need_dx, need_da, need_db, need_dbias, need_dr, deterministic)
     with _device_guard(x):
         # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums
         bench = lambda c: run(c, torch.zeros(length, dtype=torch.float32, device=x.device), 0, count=False)

@@ -1,7 +1,7 @@
 """``torch.library`` custom ops around the launchers, so ``torch.compile`` traces through the triton backend.
 
-    lora_kernels::triton_lora_fwd(x, weight, bias?, A, B, scale, p, seed, offset) -> (y, xa)
-    lora_kernels::triton_lora_bwd(g, x, weight, A, B, xa, scale, p, seed, offset, needs...) -> (dx, flat)
+    lora_kernels::triton_lora_fwd(x, weight, bias?, A, B, R?, scale, p, seed, offset, deterministic) -> (y, xa)
+    lora_kernels::triton_lora_bwd(g, x, weight, A, B, R?, xa, scale, p, seed, offset, needs..., det) -> (dx, flat)
 
 Both have fake (meta) implementations; autograd is registered on the forward op. The backward op returns the
 adapter/bias gradients as one flat fp32 buffer (launch.grad_layout); the autograd formula splits it into views
@@ -29,6 +29,7 @@ def lora_fwd(
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
+    lora_R: Tensor | None,
     scale: float,
     dropout_p: float,
     seed: int,
@@ -36,11 +37,11 @@ def lora_fwd(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     # `deterministic` is unused here; it rides along so the autograd formula sees it without hidden state.
-    return launch.lora_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset)
+    return launch.lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset)
 
 
 @lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset, deterministic):
+def _(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic):
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     return y, x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
@@ -53,6 +54,7 @@ def lora_bwd(
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
+    lora_R: Tensor | None,
     xa: Tensor,
     scale: float,
     dropout_p: float,
@@ -62,47 +64,71 @@ def lora_bwd(
     need_da: bool,
     need_db: bool,
     need_dbias: bool,
+    need_dr: bool,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     return launch.lora_backward(
-        g, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, offset,
-        need_dx, need_da, need_db, need_dbias, deterministic,
+        g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset,
+        need_dx, need_da, need_db, need_dbias, need_dr, deterministic,
     )  # fmt: skip
 
 
 @lora_bwd.register_fake
-def _(g, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, offset, need_dx, need_da, need_db, need_dbias, det):
-    length = launch.grad_layout(lora_A.shape[0], x.shape[-1], weight.shape[0], need_da, need_db, need_dbias)[3]
+def _(
+    g,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    lora_R,
+    xa,
+    scale,
+    p,
+    seed,
+    offset,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+    need_dr,
+    det,
+):
+    need_dr = need_dr and lora_R is not None
+    r, k, n = lora_A.shape[0], x.shape[-1], weight.shape[0]
+    length = launch.grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)[-1]
     dx = x.new_empty(x.shape if need_dx else (0,))
     return dx, x.new_empty((length,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, offset, deterministic = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_R, output[1])
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.scalars = (scale, dropout_p, seed, offset)
     ctx.deterministic = deterministic
 
 
 def _backward(ctx, grad_y, grad_xa):
-    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-    need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+    x, weight, lora_A, lora_B, lora_R, xa = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db, need_dr = ctx.needs_input_grad[:6]
     need_dbias = need_dbias and ctx.bias_dtype is not None
+    need_dr = need_dr and lora_R is not None
     r, k, n = lora_A.shape[0], x.shape[-1], weight.shape[0]
     if grad_y is None:
         grad_y = x.new_zeros((*x.shape[:-1], n))
     dx, flat = lora_bwd(
-        grad_y, x, weight, lora_A, lora_B, xa, *ctx.scalars, need_dx, need_da, need_db, need_dbias, ctx.deterministic
-    )
-    off_da, off_db, off_dbias, _ = launch.grad_layout(r, k, n, need_da, need_db, need_dbias)
+        grad_y, x, weight, lora_A, lora_B, lora_R, xa, *ctx.scalars,
+        need_dx, need_da, need_db, need_dbias, need_dr, ctx.deterministic,
+    )  # fmt: skip
+    off_da, off_db, off_dbias, off_dr, _ = launch.grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)
     da = flat[off_da : off_da + r * k].view(r, k).to(lora_A.dtype) if need_da else None
     db = flat[off_db : off_db + n * r].view(n, r).to(lora_B.dtype) if need_db else None
     dbias = flat[off_dbias : off_dbias + n].to(ctx.bias_dtype) if need_dbias else None
+    dr = flat[off_dr : off_dr + r * r].view(r, r).to(lora_R.dtype) if need_dr else None
     dw = None
     if need_dw:  # full fine-tuning: a library GEMM (DESIGN.md), not part of the fused launch budget
         dw = (grad_y.reshape(-1, n).t() @ x.reshape(-1, k)).to(weight.dtype)
-    return (dx if need_dx else None), dw, dbias, da, db, None, None, None, None, None
+    return (dx if need_dx else None), dw, dbias, da, db, dr, None, None, None, None, None
 
 
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
