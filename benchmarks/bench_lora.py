@@ -303,30 +303,43 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
         r.update(peak_bytes=peak, saved_bytes=saved)
         return r
 
+    def fail(what: str, e: Exception) -> None:
+        failures.append(f"{case.label()} {what}: crashed: {type(e).__name__}: {e}")
+        log(f"  FAIL {what}: {type(e).__name__}: {e}")
+
     for mode in s.modes:
         if mode == "memory":
             for name, b in built.items():
-                peak = peak_bytes_gpu(b, inp) if _on_gpu(case) else None
-                rows.append(row(name, mode, peak=peak, saved=saved_bytes(b, inp.x)))
+                try:
+                    peak = peak_bytes_gpu(b, inp) if _on_gpu(case) else None
+                    rows.append(row(name, mode, peak=peak, saved=saved_bytes(b, inp.x)))
+                except Exception as e:
+                    fail(f"{name} {mode}", e)
             continue
-        try:
-            if _on_gpu(case):
-                for name, b in built.items():
-                    fn, grads, keep = _timed_fns(b, inp, mode)
+        timed = {}
+        for name, b in built.items():
+            try:  # one untimed call first: a provider that crashes is dropped alone, with its reason
+                fn, grads, keep = _timed_fns(b, inp, mode)
+                for t in grads:
+                    t.grad = None
+                fn()
+                timed[name] = (fn, grads, keep)
+            except Exception as e:
+                fail(f"{name} {mode}", e)
+        if _on_gpu(case):
+            for name, (fn, grads, _keep) in timed.items():
+                try:
                     rows.append(row(name, mode, bench_gpu(fn, grads, s.warmup_ms, s.rep_ms)))
-                    del keep
-            else:
-                jobs, keep = {}, []
-                for name, b in built.items():
-                    fn, grads, k = _timed_fns(b, inp, mode)
-                    jobs[name] = CpuJob(fn, grads)
-                    keep.append(k)
+                except Exception as e:
+                    fail(f"{name} {mode}", e)
+        elif timed:
+            try:
+                jobs = {name: CpuJob(fn, grads) for name, (fn, grads, _keep) in timed.items()}
                 res = bench_cpu_interleaved(jobs, min_rounds=s.min_rounds, max_rounds=s.max_rounds, target_s=s.target_s)
-                rows.extend(row(name, mode, res[name]) for name in built)
-                del keep
-        except Exception as e:
-            failures.append(f"{case.label()} mode {mode}: crashed: {type(e).__name__}: {e}")
-            log(f"  FAIL mode {mode}: {type(e).__name__}: {e}")
+                rows.extend(row(name, mode, res[name]) for name in timed)
+            except Exception as e:
+                fail(f"mode {mode}", e)
+        del timed
     for r in rows:
         r.update(M=case.M, K=case.K, N=case.N, r=case.r, dtype=case.dtype, adapter_dtype=case.adapter_dtype)
         r.update(dropout=case.dropout)

@@ -50,7 +50,7 @@ pick_python() {
   for c in "${PYTHON:-}" python3 python "$ROOT/.venv/bin/python" "$ROOT/../venv/bin/python"; do
     [ -n "$c" ] || continue
     command -v "$c" >/dev/null 2>&1 || [ -x "$c" ] || continue
-    if "$c" -c "import torch" >/dev/null 2>&1; then echo "$c"; return 0; fi
+    if "$c" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1; then echo "$c"; return 0; fi
   done
   return 1
 }

@@ -25,6 +25,18 @@ PROVIDERS = "base,peft,addmm,torch,cuda"
 LORA_PROVIDERS = ["peft", "addmm", "torch"]
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One run of every mode, shared by the tests that only read its outputs."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        res = _run(tmp_path_factory.mktemp("full"))
+    return (*res, out.getvalue())
+
+
 def _run(tmp_path, *extra) -> tuple[int, list[dict], Path, Path, Path]:
     csv_path, md, png = tmp_path / "b.csv", tmp_path / "b.md", tmp_path / "b.png"
     argv = ["--preset", "dry-run", "--providers", PROVIDERS, "--M", "5,9", "--shapes", "24x40", "--r", "3"]
@@ -36,9 +48,8 @@ def _run(tmp_path, *extra) -> tuple[int, list[dict], Path, Path, Path]:
     return rc, rows, csv_path, md, png
 
 
-def test_every_provider_runs_and_outputs_are_written(tmp_path, capsys):
-    rc, rows, csv_path, md, png = _run(tmp_path)
-    out = capsys.readouterr().out
+def test_every_provider_runs_and_outputs_are_written(full_run):
+    rc, rows, csv_path, md, png, out = full_run
     assert rc == 0, out
     with csv_path.open(newline="") as f:
         assert next(csv.reader(f)) == bench_lora.COLUMNS
@@ -73,11 +84,11 @@ def test_every_provider_runs_and_outputs_are_written(tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_saved_bytes_follow_the_design(tmp_path):
+def test_saved_bytes_follow_the_design(full_run):
     """base saves no activation; the torch backend never saves a second M x K tensor, PEFT does with dropout."""
-    rc, rows, *_ = _run(tmp_path, "--modes", "memory")
+    rc, rows, *_ = full_run
     assert rc == 0
-    mem = {(r["provider"], r["M"], r["dropout"]): int(r["saved_bytes"]) for r in rows}
+    mem = {(r["provider"], r["M"], r["dropout"]): int(r["saved_bytes"]) for r in rows if r["mode"] == "memory"}
     for M in ("5", "9"):
         m, k, rank = int(M), 24, 3
         assert mem[("base", M, "0.0")] == 0
@@ -105,9 +116,9 @@ def test_mismatch_is_flagged_and_fails(tmp_path, monkeypatch, capsys):
     assert "CORRECTNESS/RUN FAILURE" in capsys.readouterr().out
 
 
-def test_report_cli_from_csv(tmp_path):
-    rc, _, csv_path, _, _ = _run(tmp_path, "--modes", "fwd+bwd,memory")
-    assert rc == 0
+def test_report_cli_from_csv(tmp_path, full_run):
+    csv_path = tmp_path / "copy.csv"
+    csv_path.write_bytes(full_run[2].read_bytes())
     bench_lora.main(["--preset", "dry-run", "--providers", "base,torch", "--M", "3", "--shapes", "8x8", "--r", "2",
                      "--dtype", "fp32", "--modes", "fwd", "--min-rounds", "2", "--max-rounds", "2",
                      "--csv", str(csv_path), "--md", str(tmp_path / "x.md"), "--plot", "none"])  # fmt: skip
@@ -118,6 +129,33 @@ def test_report_cli_from_csv(tmp_path):
     assert report.main([str(csv_path), "--md", str(md), "--all-runs"]) == 0
     assert "24->40" in md.read_text()
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_crashing_provider_is_dropped_alone(tmp_path, monkeypatch, capsys):
+    good = providers.build_addmm
+
+    def crashes_in_backward(inp, case):
+        b = good(inp, case)
+        fwd = b.forward
+        b.forward = lambda x: fwd(x) if not torch.is_grad_enabled() else _Boom.apply(fwd(x))
+        return b
+
+    monkeypatch.setattr(providers, "build_addmm", crashes_in_backward)
+    rc, rows, *_ = _run(tmp_path, "--modes", "fwd,bwd", "--M", "4", "--dropout", "0")
+    assert rc == 1
+    got = {(r["provider"], r["mode"]) for r in rows}
+    assert ("addmm", "fwd") in got and ("addmm", "bwd") not in got and ("torch", "bwd") in got
+    assert "FAIL addmm bwd: RuntimeError: boom" in capsys.readouterr().out
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom")
 
 
 def test_csv_with_other_columns_is_refused(tmp_path):
