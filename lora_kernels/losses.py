@@ -39,6 +39,7 @@ divisor (gradient accumulation and data parallelism divide by the token count of
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -351,6 +352,8 @@ def enable_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None, g
                 loss = _shifted_head_loss(self, hidden, labels, n_items, cs, gm, -100)
             return CausalLMOutputWithPast(loss=loss, logits=None)
 
+        # generate() inspects forward's signature to decide which kwargs to pass: show it the original one
+        functools.update_wrapper(forward, cls.forward)
         _CHUNKED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_lk_chunked_base": cls})
     model.__class__ = _CHUNKED_CLASSES[cls]
     model._lk_chunked = (chunk_size, grad_mode)
