@@ -77,12 +77,6 @@ BwdWs bwd_ws_layout(int64_t M, int64_t N, int64_t K, int64_t r, bool det) {
   return w;
 }
 
-template <typename T>
-__device__ __forceinline__ T load_t(const T* p, int64_t i, int64_t j, int64_t rows, int64_t cols, int64_t si,
-                                    int64_t sj) {
-  return (i < rows && j < cols) ? p[i * si + j * sj] : from_f32<T>(0.0f);
-}
-
 // Block-wide "am I the last of `expected` arrivals at *counter?" after this block's atomics (threadfence reduction).
 __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int expected, bool* flag) {
   __threadfence();
@@ -132,15 +126,26 @@ __global__ void __launch_bounds__(kThreads) lora_bwd_kernel(const BwdParams p, c
     }
   }
 
+  // 16-byte loads where the layout allows (contiguous rows, row lengths a multiple of 8 fp16 / 4 fp32 elements)
+  constexpr int V = Vec<T>::N;
+  const bool g_vec = rows_vectorizable(g, p.stride_g_m, p.stride_g_n);
+  const bool w_vec = rows_vectorizable(w, K, int64_t(1));
+  const bool x_vec = rows_vectorizable(x, p.stride_x_m, p.stride_x_k);
+
   for (int64_t n0 = 0; n0 < N; n0 += BNR) {
-    for (int e = tid; e < BM * BNR; e += kThreads) {
-      const int i = e / BNR, nn = e % BNR;
-      Gs[i * LDT + nn] = load_t(g, m0 + i, n0 + nn, M, N, p.stride_g_m, p.stride_g_n);
+    for (int e = tid; e < BM * (BNR / V); e += kThreads) {
+      const int i = e / (BNR / V), nn = (e % (BNR / V)) * V;
+      Vec<T> v;
+      load_vec(v, g, m0 + i, n0 + nn, M, N, p.stride_g_m, p.stride_g_n, g_vec);
+      store_vec_smem(Gs + i * LDT + nn, v);
     }
     if (do_dx) {
-      for (int e = tid; e < BNR * BKX; e += kThreads) {
-        const int nn = e / BKX, kk = e % BKX;
-        WsT[kk * LDT + nn] = load_t(w, n0 + nn, k0 + kk, N, K, K, int64_t(1));
+      for (int e = tid; e < BNR * (BKX / V); e += kThreads) {
+        const int nn = e / (BKX / V), kk = (e % (BKX / V)) * V;
+        Vec<T> v;
+        load_vec(v, w, n0 + nn, k0 + kk, N, K, K, int64_t(1), w_vec);
+#pragma unroll
+        for (int t = 0; t < V; ++t) WsT[(kk + t) * LDT + nn] = v.v[t];
       }
     }
     for (int e = tid; e < BNR * rp; e += kThreads) {
@@ -257,12 +262,18 @@ __global__ void __launch_bounds__(kThreads) lora_bwd_kernel(const BwdParams p, c
   __syncthreads();  // Cs is free: it now holds Xd = X ⊙ Z / (1-p), rounded to T as the forward's MMA operand was
 
   float* Xd = Cs;
-  for (int e = tid; e < BM * BKX; e += kThreads) {
-    const int i = e / BKX, kk = e % BKX;
+  for (int e = tid; e < BM * (BKX / V); e += kThreads) {
+    const int i = e / (BKX / V), kk = (e % (BKX / V)) * V;
     const int64_t m = m0 + i, k = k0 + kk;
-    float v = to_f32(load_t(x, m, k, M, K, p.stride_x_m, p.stride_x_k));
-    if (p.drop.enabled) v = (m < M && k < K && dropout_keep(p.drop, m, k, K)) ? to_f32(from_f32<T>(v * p.drop.inv_keep)) : 0.0f;
-    Xd[i * LDC + kk] = v;
+    Vec<T> xv;
+    load_vec(xv, x, m, k, M, K, p.stride_x_m, p.stride_x_k, x_vec);
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      float v = to_f32(xv.v[t]);
+      if (p.drop.enabled)
+        v = (m < M && k + t < K && dropout_keep(p.drop, m, k + t, K)) ? to_f32(from_f32<T>(v * p.drop.inv_keep)) : 0.0f;
+      Xd[i * LDC + kk + t] = v;
+    }
   }
   __syncthreads();
   // dA[j, k0+kk] (+)= s · Σ_m GB[m, j] Xd[m, kk]; lanes of a warp share j, read consecutive kk.

@@ -118,6 +118,41 @@ __device__ __forceinline__ float load_2d(const T* p, int64_t i, int64_t j, int64
   return (i < rows && j < cols) ? to_f32(p[i * si + j * sj]) : 0.0f;
 }
 
+// VEC consecutive elements of one row, moved as one 16-byte access when possible.
+template <typename T>
+struct alignas(16) Vec {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+// Whether rows of a strided 2-D tensor can be read with 16-byte loads: unit inner stride, row stride and base
+// address multiples of 16 bytes. Uniform per launch.
+template <typename T>
+__device__ __forceinline__ bool rows_vectorizable(const T* p, int64_t si, int64_t sj) {
+  return sj == 1 && si % Vec<T>::N == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// out = p[i, j : j + VEC] (row i, strides si/sj), zero outside [rows, cols). One 16-byte load when `vec_ok` and
+// the whole vector is in bounds (j is always a multiple of VEC here), else element by element: the tails of M and
+// K, odd row strides and strided inputs take the scalar path.
+template <typename T>
+__device__ __forceinline__ void load_vec(Vec<T>& out, const T* p, int64_t i, int64_t j, int64_t rows, int64_t cols,
+                                         int64_t si, int64_t sj, bool vec_ok) {
+  constexpr int V = Vec<T>::N;
+  if (vec_ok && i < rows && j + V <= cols) {
+    *reinterpret_cast<uint4*>(out.v) = *reinterpret_cast<const uint4*>(p + i * si + j);
+  } else {
+#pragma unroll
+    for (int t = 0; t < V; ++t)
+      out.v[t] = (i < rows && j + t < cols) ? p[i * si + (j + t) * sj] : from_f32<T>(0.0f);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec_smem(T* dst, const Vec<T>& v) {
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v.v);
+}
+
 __host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) & ~size_t(127); }

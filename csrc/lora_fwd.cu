@@ -52,12 +52,6 @@ FwdSmem fwd_smem_layout(int rp) {
 }
 
 template <typename T>
-__device__ __forceinline__ T load_t(const T* p, int64_t i, int64_t j, int64_t rows, int64_t cols, int64_t si,
-                                    int64_t sj) {
-  return (i < rows && j < cols) ? p[i * si + j * sj] : from_f32<T>(0.0f);
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kThreads) lora_fwd_kernel(const FwdParams p, const FwdSmem L, const int rp) {
   using Mma = WarpMma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -83,20 +77,32 @@ __global__ void __launch_bounds__(kThreads) lora_fwd_kernel(const FwdParams p, c
 #pragma unroll
   for (int f = 0; f < kMaxXaFrags; ++f) Mma::zero(acc_xa[f]);
 
+  // 16-byte loads where the layout allows (contiguous rows, K a multiple of 8 fp16 / 4 fp32 elements)
+  constexpr int V = Vec<T>::N, VPR = BK / V;  // vectors per tile row
+  const bool x_vec = rows_vectorizable(x, p.stride_x_m, p.stride_x_k);
+  const bool w_vec = rows_vectorizable(w, K, int64_t(1));
+
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    for (int e = tid; e < BM * BK; e += kThreads) {
-      const int i = e / BK, kk = e % BK;
+    for (int e = tid; e < BM * VPR; e += kThreads) {
+      const int i = e / VPR, kk = (e % VPR) * V;
       const int64_t gm = m0 + i, gk = k0 + kk;
-      const T v = load_t(x, gm, gk, M, K, p.stride_x_m, p.stride_x_k);
-      Xs[i * LDT + kk] = v;
+      Vec<T> v;
+      load_vec(v, x, gm, gk, M, K, p.stride_x_m, p.stride_x_k, x_vec);
+      store_vec_smem(Xs + i * LDT + kk, v);
       if (drop) {
-        const bool keep = gm < M && gk < K && dropout_keep(p.drop, gm, gk, K);
-        Xds[i * LDT + kk] = from_f32<T>(keep ? to_f32(v) * p.drop.inv_keep : 0.0f);
+#pragma unroll
+        for (int t = 0; t < V; ++t) {
+          const bool keep = gm < M && gk + t < K && dropout_keep(p.drop, gm, gk + t, K);
+          v.v[t] = from_f32<T>(keep ? to_f32(v.v[t]) * p.drop.inv_keep : 0.0f);
+        }
+        store_vec_smem(Xds + i * LDT + kk, v);
       }
     }
-    for (int e = tid; e < BN * BK; e += kThreads) {
-      const int j = e / BK, kk = e % BK;
-      Ws[j * LDT + kk] = load_t(w, n0 + j, k0 + kk, N, K, K, int64_t(1));
+    for (int e = tid; e < BN * VPR; e += kThreads) {
+      const int j = e / VPR, kk = (e % VPR) * V;
+      Vec<T> v;
+      load_vec(v, w, n0 + j, k0 + kk, N, K, K, int64_t(1), w_vec);
+      store_vec_smem(Ws + j * LDT + kk, v);
     }
     for (int e = tid; e < rp * BK; e += kThreads) {
       const int j = e / BK, kk = e % BK;
