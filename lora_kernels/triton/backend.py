@@ -23,6 +23,8 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[b
             False,
             f"triton kernels support float32/float16/bfloat16 activations, got {x.dtype} (use backend='torch')",
         )
+    if x.shape[-1] == 0:
+        return False, "in_features = 0: nothing for the kernels to tile (the torch backend returns the bias)"
     if lora_A.shape[0] > MAX_RANK:
         return False, f"triton kernels support rank r <= {MAX_RANK}, got r={lora_A.shape[0]}"
     return True, "fused triton kernels"

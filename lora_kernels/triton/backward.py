@@ -223,7 +223,7 @@ def lora_bwd_kernel(
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * drop_scale, 0.0)
         tl.store(
-            dx_ptr + offs_m[:, None] * stride_dx_m + offs_k[None, :] * stride_dx_k,
+            dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dx_m + offs_k[None, :] * stride_dx_k,
             cast(acc + lora, dx_ptr.dtype.element_ty, INTERPRET),
             mask=m_mask[:, None] & k_mask[None, :],
         )

@@ -153,7 +153,7 @@ def lora_fwd_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(
-            y_ptr + offs_m[:, None] * stride_y_m + offs_n[None, :] * stride_y_n,
+            y_ptr + offs_m.to(tl.int64)[:, None] * stride_y_m + offs_n[None, :] * stride_y_n,
             cast(acc, y_ptr.dtype.element_ty, INTERPRET),
             mask=m_mask[:, None] & n_mask[None, :],
         )
