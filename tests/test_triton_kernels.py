@@ -305,6 +305,22 @@ def test_deterministic_mode_bit_identical_and_correct():
         assert torch.equal(r1[name], r2[name]), name
 
 
+# ------------------------------------------------------------------ fp64: gradcheck through the kernels
+@needs_runnable
+@pytest.mark.parametrize("with_r", [False, True], ids=["no-R", "lora_R"])
+def test_gradcheck_fp64(with_r):
+    """fp64 activations accumulate in fp64 (XA and the gradient buffer too), so gradcheck holds at its defaults."""
+    x, w, b, a, bb = make_inputs(0, 9, 6, 2, torch.float64, lead=(2, 3))
+    rm = torch.randn(2, 2, dtype=torch.float64, device=DEVICE) if with_r else None
+    inputs = tuple(t.requires_grad_() for t in (x, w, b, a, bb) + ((rm,) if with_r else ()))
+
+    def fn(x, w, b, a, bb, rm=None):
+        return lora_linear(x, w, b, a, bb, 1.5, 0.3, seed=9, backend="triton", lora_R=rm)
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    check_against_oracle(*(t.detach() for t in (x, w, b, a, bb)), rm=rm, p=0.3, grads=("x", "W", "b", "A", "B", "R"))
+
+
 # ------------------------------------------------------------------ registry, torch.library
 def test_supports_reasons():
     from lora_kernels.backends import LoRAOpts
@@ -312,8 +328,8 @@ def test_supports_reasons():
 
     x, w, b, a, bb = make_inputs(4, 16, 8, 2, torch.float32, device="cpu")
     opts = LoRAOpts(scale=1.0)
-    ok, why = supports(x.double(), w.double(), None, a.double(), bb.double(), None, opts)
-    assert not ok and "float64" in why
+    ok, why = supports(x.to(torch.complex64), w, None, a, bb, None, opts)
+    assert not ok and "complex64" in why
     ok, why = supports(x, w, b, torch.randn(300, 16), torch.randn(8, 300), None, opts)
     assert not ok and "rank" in why
     ok, why = supports(x, w, b, a, bb, None, opts)
@@ -394,6 +410,7 @@ GPU_CASES = [
     pytest.param(_FP16, 777, 1111, 555, 3, id="fp16-M777-K1111-N555-r3"),
     pytest.param(_FP32, 777, 1111, 555, 3, id="fp32-M777-K1111-N555-r3"),
     pytest.param(_FP32, 7, 1000, 2000, 1, id="fp32-M7-K1000-N2000-r1"),
+    pytest.param(torch.float64, 129, 300, 200, 5, id="fp64-M129-K300-N200-r5"),
 ]
 
 

@@ -27,16 +27,17 @@ def dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
     INTERPRET: the interpreter multiplies bf16 operands as raw uint16 bits (and fp16 in fp16), so upcast both
-    operands to fp32 there; on the GPU the operands stay in the activation dtype (tensor cores).
+    operands to the accumulator's dtype there; on the GPU the operands stay in the activation dtype (tensor
+    cores; fp64 operands use fp64 MMA).
     IEEE: fp32 activations use exact fp32 products, matching torch's default (allow_tf32=False) so the
     tolerance rule "<= 2x torch's error" holds; tf32 would be ~8x faster on H200 but ~1e3x less accurate.
     """
     if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, out_dtype=acc.dtype)
     elif IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import torch
 from ..backends import LoRAOpts
 from .launch import MAX_RANK
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[bool, str]:

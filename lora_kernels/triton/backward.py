@@ -118,6 +118,7 @@ def lora_bwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     dt = x_ptr.dtype.element_ty
+    acc_t = xa_ptr.dtype.element_ty  # fp32 (fp64 for fp64 activations: gradcheck through the kernels)
     num_pid_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_pid_k, GROUP_M)
 
@@ -135,8 +136,8 @@ def lora_bwd_kernel(
         dbias_ptr += part
         drm_ptr += part
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    gb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_t)
+    gb = tl.zeros((BLOCK_M, R_PAD), dtype=acc_t)
     if HAS_R:  # R tile [R_PAD, R_PAD]
         rm = tl.load(
             rm_ptr + offs_r[:, None] * stride_rm_i + offs_r[None, :] * stride_rm_j,
@@ -149,9 +150,7 @@ def lora_bwd_kernel(
     if NEED_DB:
         xr = xa
         if HAS_R:  # XA Rᵀ
-            xr = dot(
-                cast(xa, dt, INTERPRET), tl.trans(rm), tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), IEEE, INTERPRET
-            )
+            xr = dot(cast(xa, dt, INTERPRET), tl.trans(rm), tl.zeros((BLOCK_M, R_PAD), dtype=acc_t), IEEE, INTERPRET)
         xr = cast(xr * scale, dt, INTERPRET)
     if NEED_DX or NEED_DA or NEED_DR:
         for j in range(0, tl.cdiv(N, BLOCK_N)):
@@ -182,7 +181,7 @@ def lora_bwd_kernel(
             n_mask = offs_n < N
             g = tl.load(g_rows + offs_n[None, :] * stride_g_n, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             if NEED_DB:
-                part_b = dot(tl.trans(g), xr, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), IEEE, INTERPRET)
+                part_b = dot(tl.trans(g), xr, tl.zeros((BLOCK_N, R_PAD), dtype=acc_t), IEEE, INTERPRET)
                 _accumulate(
                     db_ptr + offs_n[:, None] * R + offs_r[None, :],
                     part_b,
@@ -190,14 +189,14 @@ def lora_bwd_kernel(
                     DETERMINISTIC,
                 )
             if NEED_DBIAS:
-                _accumulate(dbias_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0), n_mask, DETERMINISTIC)
+                _accumulate(dbias_ptr + offs_n, tl.sum(g.to(acc_t), axis=0), n_mask, DETERMINISTIC)
 
     if NEED_DR:
         if pid_k == 0:  # dR = s·GBᵀ XA: GB is complete in every k-column; column 0 contributes it
             part_r = dot(
                 tl.trans(cast(gb * scale, dt, INTERPRET)),
                 cast(xa, dt, INTERPRET),
-                tl.zeros((R_PAD, R_PAD), dtype=tl.float32),
+                tl.zeros((R_PAD, R_PAD), dtype=acc_t),
                 IEEE,
                 INTERPRET,
             )
@@ -209,7 +208,7 @@ def lora_bwd_kernel(
             )
     if NEED_DX or NEED_DA:
         if HAS_R:  # GBR = GB R
-            gb = dot(cast(gb, dt, INTERPRET), rm, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), IEEE, INTERPRET)
+            gb = dot(cast(gb, dt, INTERPRET), rm, tl.zeros((BLOCK_M, R_PAD), dtype=acc_t), IEEE, INTERPRET)
         gb = cast(gb * scale, dt, INTERPRET)
         if HAS_DROPOUT:
             keep = keep_mask(offs_m, offs_k, K, drop_offset, key_lo, key_hi, drop_threshold)
@@ -219,7 +218,7 @@ def lora_bwd_kernel(
             mask=r_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        lora = dot(gb, cast(a, dt, INTERPRET), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), IEEE, INTERPRET)
+        lora = dot(gb, cast(a, dt, INTERPRET), tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_t), IEEE, INTERPRET)
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * drop_scale, 0.0)
         tl.store(
@@ -231,8 +230,8 @@ def lora_bwd_kernel(
         x_rows = x_ptr + row_offsets(offs_m, SEQ_X, stride_x_b, stride_x_m)[:, None]
         x = tl.load(x_rows + offs_k[None, :] * stride_x_k, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = cast(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), dt, INTERPRET)
-        part_a = dot(tl.trans(gb), x, tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32), IEEE, INTERPRET)
+            x = cast(tl.where(keep, x.to(acc_t) * drop_scale, 0.0), dt, INTERPRET)
+        part_a = dot(tl.trans(gb), x, tl.zeros((R_PAD, BLOCK_K), dtype=acc_t), IEEE, INTERPRET)
         _accumulate(
             da_ptr + offs_r[:, None] * K + offs_k[None, :], part_a, r_mask[:, None] & k_mask[None, :], DETERMINISTIC
         )
@@ -241,8 +240,8 @@ def lora_bwd_kernel(
 @triton.jit
 def sum_partials_kernel(
     # pointers
-    part_ptr,  # [T, L] fp32 partial sums, row stride stride_part
-    out_ptr,  # [L] fp32
+    part_ptr,  # [T, L] partial sums (fp32; fp64 for fp64 activations), row stride stride_part
+    out_ptr,  # [L], same dtype
     # sizes
     T,
     L,
@@ -254,7 +253,7 @@ def sum_partials_kernel(
     """Deterministic second launch: ``out[i] = Σ_t part[t, i]`` in the fixed order t = 0, 1, ..."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
     for t in range(0, T):
         acc += tl.load(part_ptr + t * stride_part + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc, mask=mask)

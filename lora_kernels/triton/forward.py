@@ -87,6 +87,7 @@ def lora_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     dt = x_ptr.dtype.element_ty
+    acc_t = xa_ptr.dtype.element_ty  # fp32 (fp64 for fp64 activations: gradcheck through the kernels)
     pid = tl.program_id(0)
     if XA_MODE == 2:
         pid_m = pid
@@ -102,8 +103,8 @@ def lora_fwd_kernel(
     r_mask = offs_r < R
     x_rows = x_ptr + row_offsets(offs_m, SEQ_X, stride_x_b, stride_x_m)[:, None]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=acc_t)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -120,7 +121,7 @@ def lora_fwd_kernel(
             xd = x
             if HAS_DROPOUT:
                 keep = keep_mask(offs_m, offs_k, K, drop_offset, key_lo, key_hi, drop_threshold)
-                xd = cast(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), dt, INTERPRET)
+                xd = cast(tl.where(keep, x.to(acc_t) * drop_scale, 0.0), dt, INTERPRET)
             # Aᵀ tile [BK, R_PAD], rows r >= R masked to 0
             a = tl.load(
                 a_ptr + offs_r[None, :] * stride_a_r + offs_k[:, None] * stride_a_k,
@@ -151,7 +152,7 @@ def lora_fwd_kernel(
             xr = dot(cast(xa, dt, INTERPRET), cast(rt, dt, INTERPRET), tl.zeros_like(xa), IEEE, INTERPRET)
         acc = dot(cast(xr * scale, dt, INTERPRET), cast(bt, dt, INTERPRET), acc, IEEE, INTERPRET)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(acc_t)[None, :]
         tl.store(
             y_ptr + offs_m.to(tl.int64)[:, None] * stride_y_m + offs_n[None, :] * stride_y_n,
             cast(acc, y_ptr.dtype.element_ty, INTERPRET),

@@ -128,6 +128,11 @@ def _capability(t: torch.Tensor) -> tuple[int, int]:
     return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels, also the dtype of XA and of the flat gradient buffer."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
     return dropout_args(seed, p) if p > 0 else (0, 0, 0, 1.0)
 
@@ -138,7 +143,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     m = math.prod(x.shape[:-1])
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    xa = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    xa = torch.empty((m, r), dtype=acc_dtype(x.dtype), device=x.device)
     if m == 0 or n == 0:
         if m and n == 0:
             xa.zero_()  # no kernel runs; XA is still defined (only dA/dB of an N=0 layer would read it)
@@ -187,11 +192,12 @@ def lora_backward(
     m = math.prod(x.shape[:-1])
     need_dr = need_dr and lora_R is not None
     off_da, off_db, off_dbias, off_dr, length = grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)
+    acc = acc_dtype(x.dtype)
     dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
     if m == 0 or not (need_dx or length):
-        return dx, torch.zeros(length, dtype=torch.float32, device=x.device)
+        return dx, torch.zeros(length, dtype=acc, device=x.device)
     if n == 0:  # G is empty: dX = 0 and every adapter/bias gradient is an empty sum
-        return dx.zero_(), torch.zeros(length, dtype=torch.float32, device=x.device)
+        return dx.zero_(), torch.zeros(length, dtype=acc, device=x.device)
     gs, seq_g, sgb, sgm, sgn = rows_view(g)
     xs, seq_x, sxb, sxm, sxk = rows_view(x)
     dx2 = dx.view(m, k) if need_dx else dx
@@ -227,17 +233,17 @@ def lora_backward(
     key = (configs.m_bucket(m), n, k, rp, x.dtype, need_dx, need_da, need_db, need_dbias, need_dr, deterministic)
     with _device_guard(x):
         # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums
-        bench = lambda c: run(c, torch.zeros(length, dtype=torch.float32, device=x.device), 0, count=False)
+        bench = lambda c: run(c, torch.zeros(length, dtype=acc, device=x.device), 0, count=False)
         cfg = configs.choose("bwd", key, cands, bench)
         tiles_m = triton.cdiv(m, cfg[0])
         if not deterministic or tiles_m == 1 or length == 0:
             # atomics into a zeroed buffer (deterministic with one row-tile: its stores are the full sums)
-            flat = torch.zeros(length, dtype=torch.float32, device=x.device)
+            flat = torch.zeros(length, dtype=acc, device=x.device)
             run(cfg, flat, 0)
             return dx, flat
-        part = torch.empty((tiles_m, length), dtype=torch.float32, device=x.device)
+        part = torch.empty((tiles_m, length), dtype=acc, device=x.device)
         run(cfg, part[0], length)
-        flat = torch.empty(length, dtype=torch.float32, device=x.device)
+        flat = torch.empty(length, dtype=acc, device=x.device)
         block = 4096 if interpret else 1024
         _launch(sum_partials_kernel, (triton.cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
     return dx, flat

@@ -44,7 +44,7 @@ def lora_fwd(
 def _(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic):
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    return y, x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+    return y, x.new_empty((m, lora_A.shape[0]), dtype=launch.acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("lora_kernels::triton_lora_bwd", mutates_args=())
@@ -97,7 +97,7 @@ def _(
     r, k, n = lora_A.shape[0], x.shape[-1], weight.shape[0]
     length = launch.grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)[-1]
     dx = x.new_empty(x.shape if need_dx else (0,))
-    return dx, x.new_empty((length,), dtype=torch.float32)
+    return dx, x.new_empty((length,), dtype=launch.acc_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
