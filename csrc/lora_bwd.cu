@@ -36,7 +36,6 @@ constexpr int BM = 64, BKX = 128, BNR = 32;
 constexpr int LDT = BNR + 8;  // 16-bit WMMA ld % 8 == 0
 constexpr int LDC = BKX + 4;  // fp32 staging, ld % 4 == 0
 constexpr int JC = 32;        // rank chunk of A staged in the epilogue
-constexpr int kMaxGbFrags = 8;
 
 struct BwdSmem {
   size_t gs, wst, bts, main_end;  // main loop, T
@@ -87,8 +86,8 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
   return *flag;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) lora_bwd_kernel(const BwdParams p, const BwdSmem L, const BwdWs W,
+template <typename T, int kMaxGbFrags>
+__global__ void __launch_bounds__(kThreads, kMaxGbFrags <= 2 ? 2 : 1) lora_bwd_kernel(const BwdParams p, const BwdSmem L, const BwdWs W,
                                                             const int rp) {
   using Mma = WarpMma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -353,8 +352,10 @@ void launch_bwd(const BwdParams& p, void* stream_ptr) {
   LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
     const BwdSmem L = bwd_smem_layout<T>(rp);
     const size_t smem = L.total + 16;
-    set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T>), smem);
-    lora_bwd_kernel<T><<<grid, kThreads, smem, stream>>>(p, L, W, rp);
+    LORA_DISPATCH_RANK(rp, F, {
+      set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T, F>), smem);
+      lora_bwd_kernel<T, F><<<grid, kThreads, smem, stream>>>(p, L, W, rp);
+    });
   });
   check_last_error("lora_bwd");
   if (p.deterministic) {

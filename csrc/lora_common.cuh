@@ -181,3 +181,17 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
     default:                                                                                       \
       throw std::invalid_argument("lora_kernels._C: unknown activation dtype code " + std::to_string(code)); \
   }
+
+// Register budget of the rank-dependent accumulators (XA in the forward, GB in the backward): the 4 x RP/16
+// fragments of a 64-row block over 8 warps are RP/32 per warp. Ranks up to 64 (the common case) get an instance
+// with 2 fragments per warp that fits 128 registers, i.e. two blocks (16 warps) per SM; up to 256 ranks get 8
+// fragments per warp (~170 registers, one block per SM).
+#define LORA_DISPATCH_RANK(rp, F, ...) \
+  if ((rp) <= 64) {                    \
+    constexpr int F = 2;               \
+    __VA_ARGS__;                       \
+  } else {                             \
+    constexpr int F = 8;               \
+    __VA_ARGS__;                       \
+  }
+

@@ -29,7 +29,6 @@ constexpr int LDT = BK + 8;   // 16-bit WMMA needs ld % 8 == 0; +8 also breaks b
 constexpr int LDC = BN + 4;   // fp32 accumulator staging, ld % 4 == 0 for store_matrix_sync
 constexpr int JC = 32;        // rank chunk of B staged in the epilogue
 constexpr int LDB = JC + 1;   // odd stride: conflict-free column reads of Bc
-constexpr int kMaxXaFrags = 8;  // per warp: 4 row frags x 16 col frags (r=256) / 8 warps
 
 struct FwdSmem {
   size_t xs, xds, ws, as, main_end;  // main loop, T
@@ -51,8 +50,8 @@ FwdSmem fwd_smem_layout(int rp) {
   return s;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) lora_fwd_kernel(const FwdParams p, const FwdSmem L, const int rp) {
+template <typename T, int kMaxXaFrags>
+__global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1) lora_fwd_kernel(const FwdParams p, const FwdSmem L, const int rp) {
   using Mma = WarpMma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* Xs = reinterpret_cast<T*>(smem + L.xs);
@@ -190,8 +189,10 @@ void launch_fwd(const FwdParams& p, void* stream) {
   LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
     const FwdSmem L = fwd_smem_layout<T>(rp);
     const size_t smem = std::max(L.main_end, L.epi_end);
-    set_smem_limit("lora_fwd", reinterpret_cast<const void*>(&lora_fwd_kernel<T>), smem);
-    lora_fwd_kernel<T><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, L, rp);
+    LORA_DISPATCH_RANK(rp, F, {
+      set_smem_limit("lora_fwd", reinterpret_cast<const void*>(&lora_fwd_kernel<T, F>), smem);
+      lora_fwd_kernel<T, F><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, L, rp);
+    });
   });
   check_last_error("lora_fwd");
 }

@@ -147,6 +147,13 @@ def test_rank_256(dtype):
     check_against_oracle(*make_inputs(20, 64, 40, 256, dtype), p=0.1)
 
 
+@pytest.mark.parametrize("r", [64, 65], ids=["r64-small-instance", "r65-large-instance"])
+def test_rank_instance_boundary(r):
+    """r <= 64 runs the 2-fragments-per-warp kernels (128 registers), r > 64 the 8-fragment ones."""
+    check_against_oracle(*make_inputs(70, 136, 150, r, torch.bfloat16), p=0.1)
+    check_against_oracle(*make_inputs(70, 136, 150, r, torch.float32), deterministic=True)
+
+
 def test_only_needed_grads():
     """x frozen (first layer: the kernel skips the G·W MMA), or only dx, or only the bias grad."""
     check_against_oracle(*make_inputs(40, 70, 50, 4, torch.float32), grads=("A", "B"))
