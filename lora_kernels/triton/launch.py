@@ -139,7 +139,8 @@ def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
 
 # ---------------------------------------------------------------------------------------------- forward
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan=None):
-    """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` fp32. One launch (fused plan), two (split)."""
+    """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` in ``acc_dtype`` (fp32; fp64 for fp64 x).
+    One launch (fused plan), two (split)."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     m = math.prod(x.shape[:-1])
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -186,7 +187,7 @@ def lora_backward(
     g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset,
     need_dx, need_da, need_db, need_dbias, need_dr, deterministic,
 ):  # fmt: skip
-    """``(dx, flat)``: dX (``x.shape``, x's dtype; empty when not needed) and the fp32 buffer of
+    """``(dx, flat)``: dX (``x.shape``, x's dtype; empty when not needed) and the ``acc_dtype`` buffer of
     ``grad_layout`` holding dA, dB, db and dR. One launch; deterministic mode at most two."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     m = math.prod(x.shape[:-1])
