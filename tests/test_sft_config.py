@@ -67,3 +67,14 @@ def test_parse_overrides_keeps_strings_for_string_fields():
     path, cli = parse_overrides(["--name", "123", "--model", "some/folder"])
     assert path is None and cli == {"name": "123", "model": "some/folder"}
     assert build_config(cli=cli).name == "123"
+
+
+def test_shipped_configs_are_valid_and_the_main_one_equals_the_defaults():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("sft_*.yaml"))
+    assert configs
+    for path in configs:
+        build_config(path)
+    main = build_config(path.parent / "sft_smollm2_lora.yaml")
+    assert main == SFTConfig()  # `lora-kernels sft` with no arguments is the README's run

@@ -10,7 +10,7 @@ from .config import ConfigError, SFTConfig, build_config, config_from_argv
 __all__ = ["ConfigError", "SFTConfig", "build_config", "config_from_argv", "run_sft"]
 
 
-def run_sft(cfg, log=print):
+def run_sft(cfg, log=None):
     from .train import run_sft as _run
 
-    return _run(cfg, log=log)
+    return _run(cfg) if log is None else _run(cfg, log=log)

@@ -357,7 +357,11 @@ def _prepare_run_dir(cfg: SFTConfig) -> tuple[Path, Path | None, dict | None]:
     return run_dir, None, None
 
 
-def run_sft(cfg: SFTConfig, log=print) -> dict:
+def _print_flush(*args) -> None:
+    print(*args, flush=True)
+
+
+def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
     """Run one SFT job as configured; returns the summary dict (also written to ``<run_dir>/summary.json``)."""
     cfg.validate()
     t_start = time.time()
