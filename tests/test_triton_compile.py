@@ -5,7 +5,8 @@ rejects (a dtype mismatch in tl.dot, an invalid atomic, a non-constexpr branch t
 pass the CPU suite and fail on the GPU. ``triton.compile`` with an explicit ``GPUTarget`` runs the whole
 pipeline to a cubin (ptxas ships in the triton wheel) without a device. It runs in a subprocess because
 TRITON_INTERPRET=1 (set by conftest.py on CPU machines) replaces the compiler in this process. Only the
-variants with every flag on are compiled here (~15 s each on 2 cores); the GPU tests compile the rest.
+variants with every flag on are compiled here (11-27 s per capability on this 2-core machine); the GPU tests
+compile the rest.
 """
 
 from __future__ import annotations

@@ -377,7 +377,7 @@ def test_lora_r_deterministic_and_partial_grads():
 @needs_runnable
 def test_torch_compile_fullgraph():
     """Dynamo traces through the backend's custom op (fake impls + registered autograd). aot_eager: tracing is
-    what is tested (inductor keeps a custom op as an opaque call anyway) and it costs ~10 s less than inductor.
+    what is tested (inductor keeps a custom op as an opaque call anyway), without inductor's codegen time.
 
     Called through lora_kernels.triton.backend.apply, i.e. below the registry: see NOTES.md for why
     lora_linear's dispatch itself is not yet traceable with fullgraph=True.
@@ -399,7 +399,7 @@ def test_torch_compile_fullgraph():
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-# Each (dtype, shape) pair compiles its own kernels (~1-2 s each: Triton specialises sizes divisible by 16 and
+# Each (dtype, shape) pair compiles its own kernels (Triton specialises sizes divisible by 16 and
 # size-1 dims), so the GPU matrix covers every dtype and every shape, not their full product.
 _BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
 GPU_CASES = [

@@ -30,7 +30,8 @@ def dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
     operands to the accumulator's dtype there; on the GPU the operands stay in the activation dtype (tensor
     cores; fp64 operands use fp64 MMA).
     IEEE: fp32 activations use exact fp32 products, matching torch's default (allow_tf32=False) so the
-    tolerance rule "<= 2x torch's error" holds; tf32 would be ~8x faster on H200 but ~1e3x less accurate.
+    tolerance rule "<= 2x torch's error" holds; tf32 (10-bit mantissa) would put ~2**13 = 8192x fp32's rounding
+    error into every product. Not timed on a GPU yet (NOTES.md).
     """
     if INTERPRET:
         return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, out_dtype=acc.dtype)
