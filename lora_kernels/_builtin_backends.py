@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
 from .backends import Backend, register_backend
 
+# Implementations are imported inside these functions with plain import statements (not importlib calls): the
+# first call pays the import, `import lora_kernels` stays lean, and torch.compile traces straight through.
 
-def _lazy(path: str):
-    mod, attr = path.split(":")
 
-    def call(*args):
-        return getattr(importlib.import_module(mod), attr)(*args)
+def _torch_apply(*args):
+    from .ops import torch_lora
 
-    return call
+    return torch_lora.apply(*args)
+
+
+def _torch_supports(*args):
+    from .ops import torch_lora
+
+    return torch_lora.supports(*args)
 
 
 def _torch_available() -> tuple[bool, str]:
     return True, "pure PyTorch; runs on every device"
+
+
+def _triton_apply(*args):
+    from .triton import backend
+
+    return backend.apply(*args)
+
+
+def _triton_supports(*args):
+    from .triton import backend
+
+    return backend.supports(*args)
 
 
 def _triton_available() -> tuple[bool, str]:
@@ -30,39 +47,31 @@ def _triton_available() -> tuple[bool, str]:
     return True, "triton is importable"
 
 
+def _cuda_apply(*args):
+    from .cuda import backend
+
+    return backend.apply(*args)
+
+
+def _cuda_supports(*args):
+    from .cuda import backend
+
+    return backend.supports(*args)
+
+
 def _cuda_available() -> tuple[bool, str]:
     if os.environ.get("LORA_KERNELS_DISABLE_CUDA_EXT") == "1":
         return False, "disabled by LORA_KERNELS_DISABLE_CUDA_EXT=1"
     if importlib.util.find_spec("lora_kernels.cuda") is None:
         return False, "this build of lora_kernels has no CUDA backend module"
     try:
-        return _lazy("lora_kernels.cuda.backend:availability")()
+        from .cuda import backend
     except ImportError as e:  # a broken install must say so, not crash selection
         return False, f"lora_kernels.cuda.backend failed to import: {e}"
+    return backend.availability()
 
 
 def register_all() -> None:
-    register_backend(
-        Backend(
-            name="torch",
-            apply_path="lora_kernels.ops.torch_lora:apply",
-            availability_fn=_torch_available,
-            supports_fn=_lazy("lora_kernels.ops.torch_lora:supports"),
-        )
-    )
-    register_backend(
-        Backend(
-            name="triton",
-            apply_path="lora_kernels.triton.backend:apply",
-            availability_fn=_triton_available,
-            supports_fn=_lazy("lora_kernels.triton.backend:supports"),
-        )
-    )
-    register_backend(
-        Backend(
-            name="cuda",
-            apply_path="lora_kernels.cuda.backend:apply",
-            availability_fn=_cuda_available,
-            supports_fn=_lazy("lora_kernels.cuda.backend:supports"),
-        )
-    )
+    register_backend(Backend("torch", _torch_apply, _torch_available, _torch_supports))
+    register_backend(Backend("triton", _triton_apply, _triton_available, _triton_supports))
+    register_backend(Backend("cuda", _cuda_apply, _cuda_available, _cuda_supports))

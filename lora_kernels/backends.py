@@ -16,12 +16,11 @@ environment variable ``LORA_KERNELS_BACKEND``, else ``auto``. An explicit name t
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger("lora_kernels")
 
@@ -55,11 +54,11 @@ class LoRAOpts:
 @dataclass
 class Backend:
     name: str
-    # "module:attr" of the apply function, imported lazily (keeps `import lora_kernels` free of triton/_C).
-    apply_path: str
+    # Each function imports its implementation module on first call with a plain `import` statement inside the
+    # function body: `import lora_kernels` stays free of triton/_C, and torch.compile can trace through it.
+    apply_fn: Callable
     availability_fn: Callable[[], tuple[bool, str]]
     supports_fn: Callable[..., tuple[bool, str]]
-    _apply: Callable | None = field(default=None, repr=False)
 
     def availability(self) -> tuple[bool, str]:
         return self.availability_fn()
@@ -68,16 +67,19 @@ class Backend:
         return self.supports_fn(*args)
 
     def apply(self, *args):
-        if self._apply is None:
-            mod, attr = self.apply_path.split(":")
-            self._apply = getattr(importlib.import_module(mod), attr)
-        return self._apply(*args)
+        return self.apply_fn(*args)
 
 
 _REGISTRY: dict[str, Backend] = {}
 _global_choice: str | None = None
 _lock = threading.Lock()
 _logged: set[str] = set()
+
+
+def _is_compiling() -> bool:
+    import torch
+
+    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
 
 
 def register_backend(backend: Backend) -> None:
@@ -87,6 +89,8 @@ def register_backend(backend: Backend) -> None:
 
 
 def _log_once(level: int, msg: str) -> None:
+    if _is_compiling():
+        return  # logged by the eager call that preceded compilation; no locks inside a traced graph
     with _lock:
         if msg in _logged:
             return

@@ -311,3 +311,10 @@ def test_bad_seed_and_fp16_adapter_with_bf16_x():
     x, w, b, a, bb = _inputs(dtype=torch.bfloat16, adapter_dtype=torch.float16)
     with pytest.raises(TypeError, match="lora_A"):
         lora_linear(x, w, b, a, bb, 1.0)
+
+
+def test_torch_compile_traces_through_lora_linear_fullgraph():
+    """The dispatch layer must not break graphs (no importlib calls, no locks while tracing)."""
+    x, w, b, a, bb = _inputs(m=4, k=8, n=6, r=2, dtype=torch.float32)
+    fn = torch.compile(lambda x: lora_linear(x, w, b, a, bb, 1.0, backend="torch"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x), lora_linear(x, w, b, a, bb, 1.0, backend="torch"))
