@@ -1,7 +1,7 @@
 """LoRA linear benchmark: every available provider, side by side, one CSV row per measurement.
 
     python -m benchmarks.bench_lora --preset cpu-headline     # issue 2's closing figure (fwd+bwd, M=2048, 4096², r=16)
-    python -m benchmarks.bench_lora --preset cpu-broad        # a few minutes: time vs M on two Llama shapes
+    python -m benchmarks.bench_lora --preset cpu-broad        # minutes: time vs M on two Llama shapes
     python -m benchmarks.bench_lora --preset gpu-headline     # the device-check subset (M=16 and 8192, 4096², bf16)
     python -m benchmarks.bench_lora --preset dry-run          # the gpu-headline flow at tiny sizes on CPU
 
@@ -65,8 +65,8 @@ PRESETS = {
         csv="cpu_headline.csv", md="cpu_headline.md", plot=None,
     ),
     "cpu-broad": dict(
-        device="cpu", M=[1, 16, 128, 1024], shapes=[(4096, 4096), (4096, 1024)], r=[16], dtype=["fp32"],
-        dropout=[0.0, 0.1], modes=list(MODES), min_rounds=5, max_rounds=25, target_s=5.0,
+        device="cpu", M=[1, 16, 128, 512], shapes=[(4096, 4096), (4096, 1024)], r=[16], dtype=["fp32"],
+        dropout=[0.0, 0.1], modes=list(MODES), min_rounds=5, max_rounds=15, target_s=4.0,
         csv="cpu.csv", md="cpu_table.md", plot="cpu_fwdbwd.png",
     ),
     "gpu-headline": dict(
@@ -411,6 +411,7 @@ def parse_args(argv=None):
     ap.add_argument("--md", type=Path, help="markdown table of this run (default benchmarks/results/<preset md>)")
     ap.add_argument("--plot", type=Path, help="PNG, time vs M for fwd+bwd (default per preset; 'none' to skip)")
     ap.add_argument("--allow-interpreter", action="store_true", help="run triton on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's choice)")
     ap.add_argument("--min-rounds", type=int)
     ap.add_argument("--max-rounds", type=int)
     ap.add_argument("--target-s", type=float, help="CPU: seconds of interleaved rounds per case and mode")
@@ -430,6 +431,8 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"preset {a.preset!r} needs a CUDA device and none is available (use --device cpu)", file=sys.stderr)
         return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
     modes = a.modes or pre["modes"]
     bad = [m for m in modes if m not in MODES]
     if bad:
