@@ -27,7 +27,7 @@ VOCAB, GLOBAL_BATCH, SEQ, STEPS = 64, 4, 12, 4
 CONFIGS = {
     "ddp": ("ddp", False, False),
     "ddp-chunked-ckpt": ("ddp", True, True),
-    "fsdp": ("fsdp", False, False),
+    "fsdp-chunked-ckpt": ("fsdp", True, True),
 }
 
 
