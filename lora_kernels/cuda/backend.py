@@ -141,7 +141,7 @@ class _CudaLoRALinear(torch.autograd.Function):
         C = _require_native()
         x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
         opts: LoRAOpts = ctx.opts
-        need_x, need_w, need_b, _, _, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
         m, k = x2.shape
         n, r = weight.shape[0], lora_A.shape[0]
         g = grad_y.reshape(-1, n)  # may be strided (even stride 0 for an expanded grad): the kernel takes strides
@@ -186,7 +186,8 @@ class _CudaLoRALinear(torch.autograd.Function):
         # dW = Gᵀ X only for a trainable base weight (full fine-tuning): one cuBLAS GEMM, outside the fused kernel.
         dw = (g.t() @ x2).to(weight.dtype) if need_w else None
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return dx, dw, d_bias, d_a, d_b, None
+        # dA and dB come out of the kernel together; hand autograd only what it asked for
+        return dx, dw, d_bias, d_a if need_a else None, d_b if need_bb else None, None
 
 
 def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
