@@ -66,7 +66,7 @@ PRESETS = {
     ),
     "cpu-broad": dict(
         device="cpu", M=[1, 16, 128, 512], shapes=[(4096, 4096), (4096, 1024)], r=[16], dtype=["fp32"],
-        dropout=[0.0, 0.1], modes=list(MODES), min_rounds=5, max_rounds=15, target_s=4.0,
+        dropout=[0.0, 0.1], modes=list(MODES), min_rounds=3, max_rounds=15, target_s=4.0,
         csv="cpu.csv", md="cpu_table.md", plot="cpu_fwdbwd.png",
     ),
     "gpu-headline": dict(
