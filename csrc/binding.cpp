@@ -85,7 +85,7 @@ void lora_fwd(uint64_t x, int64_t stride_x_m, int64_t stride_x_k, uint64_t weigh
   p.act_dtype = act_dtype, p.adapter_dtype = adapter_dtype, p.scale = static_cast<float>(scale);
   p.drop = dropout_params(call, dropout, seed, offset, threshold, inv_keep);
 
-  lora::check_device(call, device);
+  const lora::DeviceGuard guard(call, device);
   for (auto [name, v] : {std::pair<const char*, uint64_t>{"x", x}, {"weight", weight}, {"bias", bias},
                          {"lora_a", lora_a}, {"lora_b", lora_b}, {"y", y}, {"xa", xa}})
     lora::check_on_device(call, name, ptr(v), device);
@@ -135,7 +135,7 @@ void lora_bwd(uint64_t grad_y, int64_t stride_g_m, int64_t stride_g_n, uint64_t 
   p.drop = dropout_params(call, dropout, seed, offset, threshold, inv_keep);
   p.deterministic = deterministic;
 
-  lora::check_device(call, device);
+  const lora::DeviceGuard guard(call, device);
   for (auto [name, v] : {std::pair<const char*, uint64_t>{"grad_y", grad_y}, {"x", x}, {"weight", weight},
                          {"lora_a", lora_a}, {"lora_b", lora_b}, {"xa", xa}, {"grad_x", grad_x}, {"grad_a", grad_a},
                          {"grad_b", grad_b}, {"grad_bias", grad_bias}, {"workspace", workspace}})

@@ -12,7 +12,7 @@ static std::string cuda_msg(cudaError_t err) {
   return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
 }
 
-void check_device(const char* call, int device) {
+DeviceGuard::DeviceGuard(const char* call, int device) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
@@ -29,7 +29,12 @@ void check_device(const char* call, int device) {
     if (e2 != cudaSuccess)
       throw std::runtime_error(std::string(call) + ": cudaSetDevice(" + std::to_string(device) + ") failed: " +
                                cuda_msg(e2));
+    previous_ = current;
   }
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
 }
 
 void check_pointer(const char* call, const char* name, const void* ptr, int64_t elem_bytes, bool nullable) {

@@ -68,7 +68,19 @@ int64_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t r, bool det
 
 // Boundary checks and CUDA plumbing (lora_api.cu). Each throws std::invalid_argument (bad argument, named) or
 // std::runtime_error (CUDA error, prefixed with the call's name).
-void check_device(const char* call, int device);
+// Makes `device` current for the launch and restores the previous device afterwards (the driver's current
+// context is shared with torch's runtime: leaving it switched would move torch's later calls to our device).
+// Throws std::runtime_error naming the call when no usable device exists (the no-GPU error path).
+class DeviceGuard {
+ public:
+  DeviceGuard(const char* call, int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 void check_pointer(const char* call, const char* name, const void* ptr, int64_t elem_bytes, bool nullable);
 void check_on_device(const char* call, const char* name, const void* ptr, int device);
 void check_last_error(const char* call);
