@@ -51,6 +51,8 @@ PRESETS = {
     "gpu": {"model": "llama-1b", "batch": 4, "seq": 2048, "warmup": 2, "steps": 5, "device": "cuda"},
     "dry-run": {"model": "tiny", "batch": 2, "seq": 64, "warmup": 1, "steps": 2, "device": "cpu"},
 }
+# On a time-limited GPU lease the headline pair comes first: a run cut short still compares the two stacks.
+DEFAULT_ORDER = {"gpu": ("ours-both", "hf-peft-ckpt", "hf-peft", "ours-none", "ours-chunked", "ours-ckpt")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,9 +230,11 @@ def _versions() -> dict:
 def measure(config: str, args) -> dict:
     from lora_kernels.memory import PeakMemory
 
+    pre = 0
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        pre = torch.cuda.memory_allocated()  # leftovers of an earlier config (should be ~0), not counted
     peak = PeakMemory(args.device)
     fn = run_ours if config.startswith("ours") else run_hf
     t0 = time.perf_counter()
@@ -249,9 +253,9 @@ def measure(config: str, args) -> dict:
         "step_s_min": round(min(times), 4),
         "step_s_max": round(max(times), 4),
         "tokens_per_s": round(tokens / med, 1),
-        "peak_bytes": peak.peak,
+        "peak_bytes": peak.peak - pre,
         "peak_kind": peak.kind,
-        "baseline_bytes": peak.baseline,
+        "baseline_bytes": peak.baseline - pre,
         "delta_bytes": peak.peak - peak.baseline,
         "loss_first": round(losses[0], 5) if losses else "",
         "loss_last": round(losses[-1], 5) if losses else "",
@@ -310,7 +314,7 @@ def main(argv=None) -> int:
     mode.add_argument("--cpu", action="store_const", dest="preset", const="cpu")
     mode.add_argument("--gpu", action="store_const", dest="preset", const="gpu")
     mode.add_argument("--dry-run", action="store_const", dest="preset", const="dry-run")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--configs", help="comma-separated subset of " + ", ".join(CONFIGS) + " (default: all)")
     for k in ("batch", "seq", "warmup", "steps"):
         ap.add_argument(f"--{k}", type=int)
     ap.add_argument("--model", choices=("smollm2", "llama-1b", "tiny"))
@@ -327,7 +331,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("memory_scale: --gpu needs a CUDA device", file=sys.stderr)
         return 2
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    configs = [c.strip() for c in (args.configs or ",".join(DEFAULT_ORDER.get(args.preset, CONFIGS))).split(",")]
+    configs = [c for c in configs if c]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         ap.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
@@ -337,6 +342,8 @@ def main(argv=None) -> int:
 
     rows = []
     in_process = args.in_process or args.device == "cuda" or args.preset == "dry-run"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"memory_scale_{args.preset}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for c in configs:
         if in_process:
             try:
@@ -359,6 +366,12 @@ def main(argv=None) -> int:
             flush=True,
         )
         rows.append(row)
+        new = not out.exists()  # one row at a time: a run stopped by a timeout keeps what it measured
+        with out.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
         if args.device == "cuda":
             import gc
 
@@ -366,14 +379,6 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if not rows:
         return 1
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"memory_scale_{args.preset}.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
     md = table(rows)
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
