@@ -224,3 +224,29 @@ def test_smollm2_apply_lora_forward_backward():
     out.loss.backward()
     grads = [m.lora_B.weight.grad for m in lora_modules(model).values()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_matching_rules_exact_suffix_regex_against_peft():
+    """The '.'-suffix rule (``proj`` matches ``a.proj`` but not ``a.q_proj``), exact names, regex fullmatch."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ModuleDict({"proj": nn.Linear(4, 4), "q_proj": nn.Linear(4, 4)})
+            self.proj = nn.Linear(4, 4)
+            self.b = nn.ModuleDict({"proj": nn.Linear(4, 4), "projx": nn.Linear(4, 4)})
+
+        def forward(self, x):
+            return x
+
+    cases = {
+        "list-suffix": (["proj"], ["a.proj", "b.proj", "proj"]),
+        "list-exact": (["a.q_proj"], ["a.q_proj"]),
+        "regex-fullmatch": (r"b\.proj.*", ["b.proj", "b.projx"]),
+        "regex-not-search": (r"(a|b)\.proj", ["a.proj", "b.proj"]),
+    }
+    for case, (targets, expected) in cases.items():
+        ours = Net()
+        report = apply_lora(ours, target_modules=targets, r=2)
+        _, peft_names = _peft_targets(Net(), r=2, target_modules=targets)
+        assert sorted(report.replaced) == expected == peft_names, case
