@@ -30,6 +30,7 @@ import datetime as _dt
 import gc
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import uuid
@@ -47,7 +48,7 @@ RESULTS = REPO / "benchmarks" / "results"
 COLUMNS = [
     "provider", "mode", "M", "K", "N", "r", "dtype", "adapter_dtype", "dropout",
     "median_ms", "p20_ms", "p80_ms", "n_samples", "tflops", "peak_bytes", "saved_bytes",
-    "ratio_to_base", "ratio_to_peft", "max_err", "tol", "check",
+    "ratio_to_base", "ratio_to_peft", "paired_ratio_to_base", "paired_ratio_to_peft", "max_err", "tol", "check",
     "device", "threads", "loadavg", "torch_version", "triton_version", "peft_version", "git_commit",
     "preset", "run_id", "timestamp",
 ]  # fmt: skip
@@ -299,6 +300,7 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
         r = dict(provider=name, mode=mode, max_err=err, tol=tol, check=status)
         if stats is not None:
             r.update(median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, n_samples=stats.n)
+            r["_samples"] = stats.samples
             r["tflops"] = flops(case, mode, built[name].has_lora) / (stats.median_ms * 1e-3) / 1e12
         r.update(peak_bytes=peak, saved_bytes=saved)
         return r
@@ -354,14 +356,20 @@ def _metric(r: dict):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ratio_to_base / ratio_to_peft per mode: time ratio, or for ``memory`` the peak (GPU) / saved (CPU) bytes."""
+    """Per mode: ``ratio_to_*`` = median / the reference's median (for ``memory``: peak bytes on GPU, saved bytes on
+    CPU); CPU only, ``paired_ratio_to_*`` = median over the interleaved rounds of (this round's time / the
+    reference's time in the same round), which cancels most of a shared machine's slow stretches."""
     for mode in {r["mode"] for r in rows}:
         same = {r["provider"]: r for r in rows if r["mode"] == mode}
         for ref_name, col in (("base", "ratio_to_base"), ("peft", "ratio_to_peft")):
-            ref = _metric(same[ref_name]) if ref_name in same else None
+            ref = same.get(ref_name)
+            ref_v = _metric(ref) if ref is not None else None
             for r in same.values():
                 v = _metric(r)
-                r[col] = v / ref if (v is not None and ref) else None
+                r[col] = v / ref_v if (v is not None and ref_v) else None
+                a, b = r.get("_samples"), (ref or {}).get("_samples")
+                if a and b and len(a) == len(b) and min(b) > 0:
+                    r["paired_" + col] = statistics.median(x / y for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ def _case_key(r) -> tuple:
 
 def _ratios(r) -> str:
     b, p = _f(r.get("ratio_to_base")), _f(r.get("ratio_to_peft"))
+    if r.get("paired_ratio_to_base") or r.get("paired_ratio_to_peft"):  # CPU: paired per-round ratios
+        b, p = _f(r.get("paired_ratio_to_base")), _f(r.get("paired_ratio_to_peft"))
     parts = [f"{b:.2f}" if b is not None else "–", f"{p:.2f}" if p is not None else "–"]
     return f"({parts[0]} / {parts[1]})"
 
@@ -94,8 +96,10 @@ def markdown(rows: list[dict]) -> str:
         f"peft {r0['peft_version']}, commit {r0['git_commit']}, run {r0['run_id']} (preset {r0['preset']}, "
         f"{r0['threads']} threads, load avg at start {r0['loadavg'] or '?'})",
         "",
-        "Cells: median ms, or bytes for memory (× base / × PEFT); lower is better. Base = F.linear alone (the floor). Times are medians "
-        "(CPU: of interleaved rounds; GPU: do_bench with L2 flush); p20/p80 are in the CSV.",
+        "Cells: median ms, or bytes for memory (× base / × PEFT); lower is better. Base = F.linear alone (the floor). "
+        "GPU: do_bench medians (L2 flushed before each call), ratios of medians. CPU: providers interleaved round by "
+        "round; time = median over rounds, ratio = median over rounds of the per-round ratio (paired, so a slow "
+        "stretch of the shared machine cancels). p20/p80 and both ratio kinds are in the CSV.",
     ]
     out = head
     for mode in MODE_ORDER:

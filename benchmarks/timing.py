@@ -26,6 +26,7 @@ class Stats:
     p20_ms: float
     p80_ms: float
     n: int
+    samples: tuple = ()  # CPU: per-round times in round order (pairs providers of one round for ratios)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -39,7 +40,13 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def stats_of(samples_ms: list[float]) -> Stats:
-    return Stats(statistics.median(samples_ms), _quantile(samples_ms, 0.2), _quantile(samples_ms, 0.8), len(samples_ms))
+    return Stats(
+        statistics.median(samples_ms),
+        _quantile(samples_ms, 0.2),
+        _quantile(samples_ms, 0.8),
+        len(samples_ms),
+        tuple(samples_ms),
+    )
 
 
 def _reset_grads(tensors) -> None:

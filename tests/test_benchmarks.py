@@ -70,8 +70,9 @@ def test_every_provider_runs_and_outputs_are_written(full_run):
         else:
             assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"])
             assert float(r["tflops"]) > 0
+            assert float(r["paired_ratio_to_base"]) > 0 and float(r["paired_ratio_to_peft"]) > 0
             if r["provider"] == "base":
-                assert float(r["ratio_to_base"]) == 1.0
+                assert float(r["ratio_to_base"]) == 1.0 and float(r["paired_ratio_to_base"]) == 1.0
         if r["provider"] in LORA_PROVIDERS:
             assert r["check"].startswith("ok"), r
             assert float(r["max_err"]) <= float(r["tol"])
