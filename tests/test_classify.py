@@ -172,7 +172,37 @@ def test_bbc_news_data():
 def test_compare_quick_real_task(tmp_path):
     """MiniLM-L6 on BBC News, --quick: every method runs end to end on the real model and data."""
     torch.manual_seed(0)
-    assert main(["compare", "--quick", "--out-dir", str(tmp_path), "--threads", "2"]) == 0
+    assert main(["compare", "--quick", "--out-dir", str(tmp_path), "--threads", "1"]) == 0
     rows = _check_artefacts(tmp_path, "compare_bbc_news_quick", 5)
     full = next(r for r in rows if r["method"] == "full")
     assert int(full["total_params"]) == 22_715_141  # MiniLM-L6 (22,713,216) + a 384 x 5 head
+
+
+@pytest.mark.parametrize("method", ["lora", "subspace"])
+def test_decoder_classifier_head_is_score(method):
+    """A decoder (Llama) classifier: the head is ``score``; padding is on the right, pad id set in the config."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        num_labels=4,
+    )
+    model = LlamaForSequenceClassification(cfg)
+    prepare_model(model, TrainConfig(method=method, r=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "score.weight" in trainable and not any(n.startswith("score.lora") for n in trainable)
+    train, test = D.synthetic_task(32, 4, 64, 8, seed=0), D.synthetic_task(16, 4, 64, 8, seed=1)
+    from lora_kernels.classify.train import train as train_loop
+
+    stats = train_loop(model, train, TrainConfig(method=method, r=4, lr=1e-2, epochs=1, batch_size=8))
+    assert stats["steps"] == 4 and all(torch.isfinite(torch.tensor(stats["losses"])))
+    acc, f1 = evaluate(model, test)
+    assert 0.0 <= acc <= 1.0 and 0.0 <= f1 <= 1.0
