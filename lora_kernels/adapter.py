@@ -204,7 +204,14 @@ def load_adapter(
     src = os.path.join(os.fspath(directory), CONFIG_NAME)
     mods = lora_modules(model)
 
-    plan = plan_lora(model, cfg.target_modules, cfg.r, cfg.exclude_modules, cfg.modules_to_save or None)
+    plan = plan_lora(
+        model,
+        cfg.target_modules,
+        cfg.r,
+        cfg.exclude_modules,
+        cfg.modules_to_save or None,
+        require_modules_to_save_match=False,
+    )
     if mods:
         problems = []
         mcfg = getattr(model, "lora_config", None)

@@ -142,11 +142,23 @@ class Plan:
     modules_to_save: list[str]
 
 
-def plan_lora(model: nn.Module, target_modules, r: int, exclude_modules=None, modules_to_save=None) -> Plan:
+def plan_lora(
+    model: nn.Module,
+    target_modules,
+    r: int,
+    exclude_modules=None,
+    modules_to_save=None,
+    *,
+    require_modules_to_save_match: bool = True,
+) -> Plan:
     """Resolve patterns to module names and validate every match; never modifies ``model``.
 
     Existing ``LoRALinear`` layers count as ``nn.Linear`` targets (so an adapter config can be checked against a
-    model that already has LoRA); their ``lora_A`` / ``lora_B`` children are never candidates.
+    model that already has LoRA); their ``lora_A`` / ``lora_B`` children are never candidates. With
+    ``"all-linear"``, modules in ``modules_to_save`` are left out of the targets (they are trained in full), as
+    PEFT does for a classifier head. ``require_modules_to_save_match=False`` (used when reading an adapter
+    config) skips ``modules_to_save`` entries that match nothing, as PEFT does: its ``SEQ_CLS`` configs list both
+    ``classifier`` and ``score``; any tensor in the file for a module that is not there is still an error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -160,9 +172,19 @@ def plan_lora(model: nn.Module, target_modules, r: int, exclude_modules=None, mo
     r = check_r(r)
     named = list(_named_modules_outside_lora(model))
 
+    saves: list[str] = []
+    for pattern in modules_to_save or ():
+        hits = [n for n, _ in named if matches(n, [pattern])]
+        if not hits and require_modules_to_save_match:
+            raise ValueError(f"modules_to_save entry {pattern!r} matched no module; {_available_hint(model)}")
+        saves.extend(h for h in hits if h not in saves)
+
+    def inside_saved(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") for s in saves)
+
     if target_modules == ALL_LINEAR:
         heads = _output_head_names(model)
-        matched = [(n, m) for n, m in named if isinstance(m, nn.Linear) and n not in heads]
+        matched = [(n, m) for n, m in named if isinstance(m, nn.Linear) and n not in heads and not inside_saved(n)]
     else:
         matched = [(n, m) for n, m in named if matches(n, target_modules)]
     if not matched:
@@ -187,20 +209,12 @@ def plan_lora(model: nn.Module, target_modules, r: int, exclude_modules=None, mo
                 f"{min(module.in_features, module.out_features)} of target module {name!r}; r must be <= that"
             )
     targets = [n for n, _ in matched]
-
-    saves: list[str] = []
-    if modules_to_save:
-        for pattern in modules_to_save:
-            hits = [n for n, _ in named if matches(n, [pattern])]
-            if not hits:
-                raise ValueError(f"modules_to_save entry {pattern!r} matched no module; {_available_hint(model)}")
-            saves.extend(h for h in hits if h not in saves)
-        both = sorted(set(saves) & set(targets))
-        if both:
-            raise ValueError(f"modules_to_save and target_modules both match {both}; a module can be one or the other")
-        nested = [s for s in saves for t in targets if t.startswith(s + ".")]
-        if nested:
-            raise ValueError(f"modules_to_save entries {sorted(set(nested))} contain LoRA target modules")
+    both = sorted(t for t in targets if inside_saved(t))
+    if both:
+        raise ValueError(
+            f"modules_to_save and target_modules both cover {both[:_SHOW]}; a module is either LoRA-adapted or "
+            "trained in full, not both"
+        )
     return Plan(targets=targets, modules_to_save=saves)
 
 

@@ -175,3 +175,55 @@ def test_strict_false_reports_missing_and_unexpected(base, tmp_path):
         dst.model.layers[0].self_attn.q_proj.lora_B.weight, src.model.layers[0].self_attn.q_proj.lora_B.weight
     )
     assert torch.count_nonzero(dst.model.layers[1].self_attn.q_proj.lora_B.weight) == 0  # kept its init
+
+
+def _tiny_seq_cls():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    torch.manual_seed(1)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def test_seq_cls_both_ways(tmp_path):
+    """PEFT's SEQ_CLS configs list modules_to_save ['classifier', 'score'] (only 'score' exists here), and
+    'all-linear' leaves the trained-in-full head out of the LoRA targets."""
+    base = _tiny_seq_cls()
+    x = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    # PEFT -> ours
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for m in pm.modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                m.lora_B["default"].weight.normal_()
+        pm.base_model.model.score.modules_to_save["default"].weight.normal_()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "peft")
+    assert "score" not in lora_modules(ours) and ours.lora_config.modules_to_save == ["score"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, pm(x).logits, rtol=0, atol=ATOL)
+    # ours -> PEFT
+    mine = copy.deepcopy(base)
+    report = apply_lora(mine, target_modules="all-linear", r=4, modules_to_save=["score"], init_lora_weights=False)
+    assert "score" not in report.replaced
+    assert (
+        report.trainable_params,
+        report.total_params + mine.score.weight.numel(),
+    ) == pm.get_nb_trainable_parameters()
+    with torch.no_grad():
+        mine.score.weight.add_(0.5)  # a trained head must travel with the adapter
+        save_adapter(mine, tmp_path / "ours")
+        pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+        torch.testing.assert_close(pm2(x).logits, mine(x).logits, rtol=0, atol=ATOL)

@@ -157,7 +157,7 @@ def test_apply_r_too_large_for_one_module_leaves_model(llama):
         (dict(backend="gpu"), ValueError, "backend"),
         (dict(exclude_modules=r".*proj"), ValueError, "exclude_modules='.*proj' removed every module"),
         (dict(modules_to_save=["head"]), ValueError, "modules_to_save entry 'head' matched no module"),
-        (dict(modules_to_save=["q_proj"]), ValueError, "modules_to_save and target_modules both match"),
+        (dict(modules_to_save=["q_proj"]), ValueError, "modules_to_save and target_modules both cover"),
         (dict(modules_to_save=5), TypeError, "modules_to_save"),
     ],
     ids=[
