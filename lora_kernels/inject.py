@@ -7,7 +7,7 @@ Target matching follows PEFT (``peft.tuners.tuners_utils.check_target_module_exi
 * a list of strings: a module matches when its name equals an entry or ends with ``"." + entry``;
 * a single string: ``re.fullmatch(pattern, name)``;
 * ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()`` when the model
-  has one, and any module named ``lm_head``).
+  has one, and any module named ``lm_head``) and the modules in ``modules_to_save`` (e.g. a classifier head).
 
 ``exclude_modules`` uses the same rules; ``modules_to_save`` uses the list rule. Every argument and every
 matched module is validated before the model is touched, so a failing call leaves the model as it was.
