@@ -227,7 +227,6 @@ def write_chart(results: list[RunResult], path: Path, title: str) -> None:
     panels = [
         (axes[0, 1], [r.trainable_params for r in results], "trainable parameters (log)", True),
         (axes[0, 2], [r.peak_mem_mib for r in results], "peak training memory above model (MiB)", False),
-        (axes[1, 0], [r.train_time_s for r in results], "training wall time (s)", False),
         (axes[1, 1], [r.tokens_per_s for r in results], "training tokens/s", False),
     ]
     for ax, vals, label, log in panels:
@@ -235,7 +234,12 @@ def write_chart(results: list[RunResult], path: Path, title: str) -> None:
         ax.set_title(label)
         if log:
             ax.set_yscale("log")
-    for ax in [axes[0, 0]] + [p[0] for p in panels]:
+    ax = axes[1, 0]
+    ax.bar([i - w / 2 for i in x], [r.train_time_s for r in results], w, label="wall", color="tab:gray")
+    ax.bar([i + w / 2 for i in x], [r.cpu_time_s for r in results], w, label="CPU (process)", color="tab:olive")
+    ax.set_title("training time (s)")
+    ax.legend(fontsize=8)
+    for ax in [axes[0, 0], axes[1, 0]] + [p[0] for p in panels]:
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
     ax = axes[1, 2]
@@ -265,6 +269,13 @@ def _warm_up(build, train, cfg: dict) -> None:
     batch = next(D.batches(train, cfg["train"]["batch_size"], shuffle=False))
     model(**{k: v.to(cfg["device"]) for k, v in batch.items()}).loss.backward()
     del model
+
+
+def results_from_json(path: str | Path) -> list[RunResult]:
+    """The runs stored in a ``<prefix>.json`` (to redraw a chart or a table without retraining)."""
+    fields = set(RunResult.__dataclass_fields__)
+    rows = json.loads(Path(path).read_text())["results"]
+    return [RunResult(**{k: v for k, v in row.items() if k in fields}) for row in rows]
 
 
 def run_compare(cfg: dict, out_dir: str | Path, prefix: str | None = None, only: list[str] | None = None, log=print):
