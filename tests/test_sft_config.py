@@ -78,3 +78,17 @@ def test_shipped_configs_are_valid_and_the_main_one_equals_the_defaults():
         build_config(path)
     main = build_config(path.parent / "sft_smollm2_lora.yaml")
     assert main == SFTConfig()  # `lora-kernels sft` with no arguments is the README's run
+
+
+def test_cli_reports_errors_and_help(capsys):
+    from lora_kernels.cli import main
+
+    assert main(["sft", "--batch_size", "0"]) == 2
+    assert "config field 'batch_size': must be >= 1" in capsys.readouterr().err
+    assert main(["sft", "--dataset", "/nonexistent.jsonl"]) == 2  # found before the model is loaded
+    assert "dataset '/nonexistent.jsonl': file not found" in capsys.readouterr().err
+    assert main(["sft", "--model", "/nonexistent-model"]) == 2
+    assert "/nonexistent-model" in capsys.readouterr().err
+    assert main(["sft", "--help"]) == 0
+    assert "--lora_r" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2

@@ -180,6 +180,17 @@ def load_jsonl(path: str | Path) -> list[list[dict]]:
     return convs
 
 
+BUILTIN_DATASETS = ("chatterbot", "chitchat")
+
+
+def check_dataset_spec(dataset: str) -> None:
+    """Cheap early check (before the model loads): a built-in name or an existing file."""
+    if dataset in BUILTIN_DATASETS:
+        return
+    if not Path(dataset).is_file():
+        raise DataError(f"dataset {dataset!r}: file not found (and not a built-in: {', '.join(BUILTIN_DATASETS)})")
+
+
 def load_conversations(dataset: str, language: str = "english") -> list[list[dict]]:
     if dataset == "chatterbot":
         convs = _load_chatterbot(language)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import ConfigError, SFTConfig, dump_yaml, resume_fingerprint
-from .data import IGNORE_INDEX, SFTData, collate, prepare_data
+from .data import IGNORE_INDEX, SFTData, check_dataset_spec, collate, prepare_data
 
 # Test hook (tests/test_sft_train.py): after logging this step, sleep so the test can SIGKILL a run mid-way at a
 # known point. Read once at import; unset in normal use.
@@ -372,6 +372,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         except ImportError:
             raise ConfigError("tensorboard: true needs the 'tensorboard' package (pip install tensorboard)") from None
     run_dir, resume_path, resume_state = _prepare_run_dir(cfg)
+    check_dataset_spec(cfg.dataset)
     device = resolve_device(cfg)
     amp_dtype = resolve_precision(cfg, device)
     if cfg.num_threads is not None:
