@@ -26,6 +26,9 @@ _LAZY = {
     "merge_lora": "lora_kernels.inject",
     "unmerge_lora": "lora_kernels.inject",
     "lora_modules": "lora_kernels.inject",
+    "lora_state_dict": "lora_kernels.inject",
+    "LoRAConfig": "lora_kernels.config",
+    "load_smollm2": "lora_kernels.models",
     "save_adapter": "lora_kernels.adapter",
     "load_adapter": "lora_kernels.adapter",
 }
