@@ -16,6 +16,7 @@ from lora_kernels.sft.data import (
     load_conversations,
     load_jsonl,
     pack_examples,
+    packed_mask_kind,
     prepare_data,
 )
 from lora_kernels.sft.modeling import byte_tokenizer, tiny_random
@@ -170,6 +171,7 @@ def test_collate_shifts_targets_per_example_and_masks_across_examples():
     # last token of `a` does not predict the first of `b`
     assert batch["targets"].tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
     allowed = batch["attention_mask"][0, 0] == 0
+    assert torch.equal(collate([[a, b]], pad_id=0, mask_kind="bool")["attention_mask"][0, 0], allowed)
     expect = torch.tensor(
         [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool
     )
@@ -177,8 +179,12 @@ def test_collate_shifts_targets_per_example_and_masks_across_examples():
     assert batch["n_targets"] == 3
 
 
-def test_packing_equals_unpacked_loss_and_grads(tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packing_equals_unpacked_loss_and_grads(attn):
     model, tok = tiny_random(seed=3)
+    model.config._attn_implementation = attn
+    kind = packed_mask_kind(model)
+    assert kind == {"sdpa": "bool", "eager": "additive"}[attn]
     tok.chat_template = FALLBACK_CHAT_TEMPLATE
     convs = [
         [{"role": "user", "content": f"q{i} " * (i + 1)}, {"role": "assistant", "content": "ans " * i + "!"}]
@@ -191,7 +197,7 @@ def test_packing_equals_unpacked_loss_and_grads(tmp_path):
 
     def loss_and_grads(rows):
         model.zero_grad()
-        batch = collate(rows, tok.pad_token_id)
+        batch = collate(rows, tok.pad_token_id, kind)
         loss = compute_loss_sum(model, batch) / batch["n_targets"]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
@@ -204,8 +210,8 @@ def test_packing_equals_unpacked_loss_and_grads(tmp_path):
     for a, b in zip(gp, gu):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # the mask matters: without it (plain causal over the packed row) the loss differs
-    batch = collate(packed_rows, tok.pad_token_id)
-    batch["attention_mask"] = (batch["attention_mask"][:, 0].diagonal(dim1=-2, dim2=-1) == 0).long()
+    batch = collate(packed_rows, tok.pad_token_id, kind)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     with torch.no_grad():
         wrong = compute_loss_sum(model, batch) / batch["n_targets"]
     assert abs(float(wrong) - float(lu)) > 1e-3

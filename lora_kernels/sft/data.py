@@ -357,12 +357,18 @@ def prepare_data(cfg, tokenizer, log=print) -> SFTData:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def collate(rows: list[list[Example]], pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict:
+def collate(rows: list[list[Example]], pad_id: int, mask_kind: str = "additive") -> dict:
     """Rows of examples -> ``input_ids, position_ids, attention_mask, targets`` (targets already shifted).
 
     ``targets[b, t]`` is the label the logits at position ``t`` are scored against: ``labels[t + 1]`` of the same
     example, ``-100`` at each example's last token and on padding.
+
+    Packed rows get a 4-D ``[B, 1, T, T]`` mask in the form the model's attention takes as is: ``"bool"``
+    (True = attend; transformers' SDPA path, any activation dtype) or ``"additive"`` (fp32, 0 / finfo.min; the
+    eager path, which adds it to the scores). See :func:`packed_mask_kind`.
     """
+    if mask_kind not in ("bool", "additive"):
+        raise ValueError(f"mask_kind must be 'bool' or 'additive', got {mask_kind!r}")
     width = max(sum(len(e) for e in row) for row in rows)
     bsz = len(rows)
     input_ids = torch.full((bsz, width), pad_id, dtype=torch.long)
@@ -385,13 +391,29 @@ def collate(rows: list[list[Example]], pad_id: int, mask_dtype: torch.dtype = to
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         allowed = same & causal
-        mask = torch.zeros((bsz, 1, width, width), dtype=mask_dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-        batch["attention_mask"] = mask
+        if mask_kind == "bool":
+            batch["attention_mask"] = allowed[:, None]
+        else:
+            mask = torch.zeros((bsz, 1, width, width), dtype=torch.float32)
+            mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+            batch["attention_mask"] = mask
     else:
         batch["attention_mask"] = (segment >= 0).long()
     batch["n_targets"] = int((targets != IGNORE_INDEX).sum())
     return batch
+
+
+def packed_mask_kind(model) -> str:
+    """Which 4-D mask form the model's attention implementation consumes unchanged (packing needs one)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return "bool"
+    if impl == "eager":
+        return "additive"
+    raise DataError(
+        f"packing needs a 4-D attention mask, which attn_implementation={impl!r} does not take; "
+        "load the model with attn_implementation='sdpa' or 'eager', or set packing: false"
+    )
 
 
 class RowSampler:

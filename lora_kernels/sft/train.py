@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import ConfigError, SFTConfig, dump_yaml, resume_fingerprint
-from .data import IGNORE_INDEX, SFTData, check_dataset_spec, collate, prepare_data
+from .data import IGNORE_INDEX, SFTData, check_dataset_spec, collate, packed_mask_kind, prepare_data
 
 # Test hook (tests/test_sft_train.py): after logging this step, sleep so the test can SIGKILL a run mid-way at a
 # known point. Read once at import; unset in normal use.
@@ -391,6 +391,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         f"{st.n_train_rows} train rows{' (packed)' if cfg.packing else ''}; truncated to max_len={cfg.max_len}: "
         f"{st.n_truncated}; dropped (no assistant token left): {st.n_dropped_no_target}; longest: {st.max_example_len}"
     )
+    mask_kind = packed_mask_kind(model) if cfg.packing else "additive"
     rows_per_step = cfg.batch_size * cfg.grad_accum
     sampler = StepSampler(len(data.train_rows), rows_per_step, cfg.seed)
     if sampler.steps_per_epoch == 0:
@@ -474,7 +475,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         t_step = time.time()
         epoch, row_ids = sampler.rows(step)
         rows = [data.train_rows[i] for i in row_ids]
-        micro = [collate(rows[i : i + cfg.batch_size], pad_id) for i in range(0, len(rows), cfg.batch_size)]
+        micro = [collate(rows[i : i + cfg.batch_size], pad_id, mask_kind) for i in range(0, len(rows), cfg.batch_size)]
         n_targets = sum(mb["n_targets"] for mb in micro)
         n_tokens = sum(len(ex) for row in rows for ex in row)
         loss_sum = 0.0
