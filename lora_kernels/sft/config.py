@@ -79,7 +79,7 @@ class SFTConfig:
     eval_batch_size: int = 16
     save_every: int = 20  # optimizer steps between checkpoints (0 = none)
     keep_last: int = 2  # checkpoints kept on disk
-    log_every: int = 1  # metrics.jsonl always gets every step; this throttles the console
+    log_every: int = 1  # metrics.jsonl gets every step; this throttles the bar / the step lines printed without it
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = False  # needs the `tensorboard` package
     plot: bool = True  # loss.png (needs matplotlib)

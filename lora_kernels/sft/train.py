@@ -457,16 +457,12 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         for s in history["samples_before"]:
             log(f"  [before] {s['prompt']!r} -> {s['reply']!r}")
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a core dependency; this only guards stripped installs
-        tqdm = None
-    bar = (
-        tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True, disable=not (cfg.progress and main))
-        if tqdm
-        else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True, disable=not (cfg.progress and main)
     )
-    say = bar.write if bar is not None else log
+    say = bar.write if not bar.disable else log
 
     model.train()
     train_time, train_tokens = history.get("train_time_s", 0.0), history.get("train_tokens", 0)
@@ -515,10 +511,14 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
             metrics.write(rec)
         if _PAUSE_AT_STEP is not None and step + 1 == int(_PAUSE_AT_STEP):
             time.sleep(3600)  # test hook: hold here so a test can SIGKILL the process at a known step
-        if bar is not None:
-            bar.update(1)
-            if (step + 1) % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{train_tokens / train_time:.0f}")
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{train_tokens / train_time:.0f}")
+            if bar.disable and main:  # no progress bar (e.g. logs to a file): one line per log_every steps
+                log(
+                    f"step {step + 1}/{total_steps}  loss {loss:.4f}  lr {lr_now:.2e}  "
+                    f"tokens/s {train_tokens / train_time:.0f}"
+                )
         done = step + 1 == total_steps
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
             last_eval = evaluate(model, data.eval_rows, cfg, pad_id, device, amp_dtype)
@@ -543,8 +543,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
                 },
                 keep_last=cfg.keep_last,
             )
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     after = evaluate(model, data.eval_rows, cfg, pad_id, device, amp_dtype)
     if after and metrics:
