@@ -47,7 +47,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 COLUMNS = [
     "provider", "mode", "M", "K", "N", "r", "dtype", "adapter_dtype", "dropout",
-    "median_ms", "p20_ms", "p80_ms", "n_samples", "tflops", "peak_bytes", "saved_bytes",
+    "median_ms", "p20_ms", "p80_ms", "n_samples", "host_ms", "tflops", "peak_bytes", "saved_bytes",
     "ratio_to_base", "ratio_to_peft", "paired_ratio_to_base", "paired_ratio_to_peft", "max_err", "tol", "check",
     "device", "threads", "loadavg", "torch_version", "triton_version", "peft_version", "git_commit",
     "preset", "run_id", "timestamp",
@@ -301,6 +301,7 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
         if stats is not None:
             r.update(median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, n_samples=stats.n)
             r["_samples"] = stats.samples
+            r["host_ms"] = stats.host_ms
             r["tflops"] = flops(case, mode, built[name].has_lora) / (stats.median_ms * 1e-3) / 1e12
         r.update(peak_bytes=peak, saved_bytes=saved)
         return r
@@ -378,20 +379,28 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows; a new file gets the header. An existing file with other columns is an error (never mixed)."""
+    """Append rows; a new file gets the header. A file written by an older version with other columns is rewritten
+    once with this version's columns first (its own extra columns kept after them, missing cells left empty)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    header = COLUMNS
     if not new:
         with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != COLUMNS:
-            raise SystemExit(f"{path}: its header differs from this benchmark's columns; write to another --csv")
+            old_header = next(csv.reader(f), [])
+        if old_header != COLUMNS:
+            with path.open(newline="") as f:
+                old_rows = list(csv.DictReader(f))
+            header = COLUMNS + [c for c in old_header if c not in COLUMNS]
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header)
+                w.writeheader()
+                w.writerows({k: r.get(k) or "" for k in header} for r in old_rows)
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=header)
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in header})
 
 
 def _csv_list(kind):

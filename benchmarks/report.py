@@ -118,6 +118,19 @@ def markdown(rows: list[dict]) -> str:
     tf = _pivot(rows, "fwd+bwd", lambda r, m: f"{_f(r['tflops']):.3g}" if _f(r.get("tflops")) else "–")
     if tf:
         out += ["", "### fwd+bwd: effective TFLOP/s (useful FLOPs: base GEMMs + LoRA GEMMs)", "", *tf]
+    if any(_f(r.get("host_ms")) for r in rows):
+        host = _pivot(
+            rows,
+            "fwd+bwd",
+            lambda r, m: (
+                "–"
+                if _f(r.get("host_ms")) is None
+                else f"{_f(r['host_ms']):.3f}"
+                + (" (launch-bound)" if _f(r["host_ms"]) >= 0.9 * _f(r["median_ms"]) else "")
+            ),
+        )
+        out += ["", "### fwd+bwd: host time to issue one call, ms (launch-bound when it reaches the device time)", ""]
+        out += host
     checks: OrderedDict[tuple, dict] = OrderedDict()
     for r in sorted(rows, key=_case_key):
         checks.setdefault(_case_key(r), {})[r["provider"]] = r

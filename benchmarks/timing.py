@@ -11,6 +11,7 @@ hits all providers alike instead of one of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -27,6 +28,7 @@ class Stats:
     p80_ms: float
     n: int
     samples: tuple = ()  # CPU: per-round times in round order (pairs providers of one round for ratios)
+    host_ms: float | None = None  # GPU: median host (launch) time of one call; >= median_ms means launch-bound
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -65,7 +67,7 @@ def bench_gpu(fn: Callable[[], object], grad_to_none=(), warmup_ms: float = 25, 
         # each between its own pair of events after an L2 flush.
         q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8])
         n = max(1, int(rep_ms / max(q[0], 1e-3)))
-        return Stats(float(q[0]), float(q[1]), float(q[2]), n)
+        return Stats(float(q[0]), float(q[1]), float(q[2]), n, host_ms=host_time_ms(fn, grad_to_none))
     flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")  # 256 MiB > any L2
     fn()
     torch.cuda.synchronize()
@@ -87,7 +89,23 @@ def bench_gpu(fn: Callable[[], object], grad_to_none=(), warmup_ms: float = 25, 
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end))
-    return stats_of(samples)
+    return dataclasses.replace(stats_of(samples), samples=(), host_ms=host_time_ms(fn, grad_to_none))
+
+
+def host_time_ms(fn: Callable[[], object], grad_to_none=(), calls: int = 10) -> float:
+    """Median wall time to *issue* one call on an idle device (synchronized before, not after).
+
+    When this reaches the device time, the call is bound by Python and launch overhead, not by the kernels.
+    """
+    times = []
+    for _ in range(calls):
+        _reset_grads(grad_to_none)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 @dataclass
