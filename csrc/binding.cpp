@@ -180,5 +180,10 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("dropout_keep_mask_host", &dropout_keep_mask_host, py::arg("seed"), py::arg("offset"), py::arg("M"),
           py::arg("K"), py::arg("threshold"),
           "Host evaluation of the kernels' dropout hash (csrc/lora_rng.cuh): M*K bytes, 1 = kept.");
+  mod.def(
+      "last_path", [] { return py::dict(py::arg("fwd") = lora::last_path(0), py::arg("bwd") = lora::last_path(1)); },
+      "Main loop the last lora_fwd / lora_bwd call of this process took: 'pipelined' or 'simple (<reason>)' "
+      "('none' before the first call). The policy comes from LORA_KERNELS_CUDA_KERNEL=simple|pipelined.");
+  mod.attr("DEFAULT_KERNEL") = lora::kDefaultKernelPolicy == lora::KernelPolicy::kPipelined ? "pipelined" : "simple";
   mod.def("runtime_info", &lora::runtime_info, "CUDA runtime version and target architectures of this build.");
 }

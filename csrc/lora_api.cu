@@ -1,6 +1,7 @@
 // Boundary checks and CUDA plumbing for the binding. Every failure names the call and the argument.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -98,6 +99,20 @@ void set_smem_limit(const char* call, const void* kernel, size_t bytes) {
                                                static_cast<int>(bytes));
   if (err != cudaSuccess) throw std::runtime_error(std::string(call) + ": cudaFuncSetAttribute: " + cuda_msg(err));
 }
+
+KernelPolicy kernel_policy() {
+  const char* env = std::getenv("LORA_KERNELS_CUDA_KERNEL");
+  if (env == nullptr || *env == '\0') return kDefaultKernelPolicy;
+  const std::string v(env);
+  if (v == "simple") return KernelPolicy::kSimple;
+  if (v == "pipelined") return KernelPolicy::kPipelined;
+  throw std::invalid_argument("LORA_KERNELS_CUDA_KERNEL must be 'simple' or 'pipelined', got '" + v + "'");
+}
+
+static std::string g_last_path[2] = {"none", "none"};  // calls come from Python under the GIL
+
+void record_path(int which, const char* path) { g_last_path[which] = path; }
+std::string last_path(int which) { return g_last_path[which]; }
 
 std::string runtime_info() {
   int rt = 0;

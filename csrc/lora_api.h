@@ -89,4 +89,16 @@ int64_t dtype_bytes(const char* call, const char* name, int code);
 void set_smem_limit(const char* call, const void* kernel, size_t bytes);
 std::string runtime_info();
 
+// Main-loop policy of the fp16/bf16 kernels. kPipelined: cp.async ring + mma.sync (lora_pipe.cuh), taken when the
+// call qualifies (fp16/bf16, r <= 64, 16-byte aligned rows), else the simple kernels with the reason recorded.
+// kSimple: the WMMA kernels with synchronous tile loads (verified on H200, GPU run 1) for every call.
+// The environment variable LORA_KERNELS_CUDA_KERNEL=simple|pipelined overrides the default, read at each call.
+enum class KernelPolicy { kSimple, kPipelined };
+constexpr KernelPolicy kDefaultKernelPolicy = KernelPolicy::kPipelined;  // fall back: KernelPolicy::kSimple
+KernelPolicy kernel_policy();
+// The path the last forward (which = 0) / backward (which = 1) call of this process took, e.g. "pipelined" or
+// "simple (r > 64)" (the binding's last_path()).
+void record_path(int which, const char* path);
+std::string last_path(int which);
+
 }  // namespace lora

@@ -182,6 +182,23 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
       throw std::invalid_argument("lora_kernels._C: unknown activation dtype code " + std::to_string(code)); \
   }
 
+// The 16-bit activation dtypes only (the pipelined kernels: tensor-core operands through ldmatrix).
+#define LORA_DISPATCH_ACT_DTYPE_16(code, T, ...)                                                   \
+  switch (code) {                                                                                  \
+    case ::lora::kFloat16: {                                                                       \
+      using T = __half;                                                                            \
+      __VA_ARGS__;                                                                                 \
+      break;                                                                                       \
+    }                                                                                              \
+    case ::lora::kBFloat16: {                                                                      \
+      using T = __nv_bfloat16;                                                                     \
+      __VA_ARGS__;                                                                                 \
+      break;                                                                                       \
+    }                                                                                              \
+    default:                                                                                       \
+      throw std::invalid_argument("lora_kernels._C: no 16-bit kernel for dtype code " + std::to_string(code)); \
+  }
+
 // Register budget of the rank-dependent accumulators (XA in the forward, GB in the backward): the 4 x RP/16
 // fragments of a 64-row block over 8 warps are RP/32 per warp. Ranks up to 64 (the common case) get an instance
 // with 2 fragments per warp that fits 128 registers, i.e. two blocks (16 warps) per SM; up to 256 ranks get 8

@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "lora_common.cuh"
+#include "lora_pipe.cuh"
 
 namespace lora {
 namespace {
@@ -48,6 +49,53 @@ FwdSmem fwd_smem_layout(int rp) {
   s.bc = s.xas + align128(sizeof(float) * BM * (rp + 4));
   s.epi_end = s.bc + align128(sizeof(float) * BN * LDB);
   return s;
+}
+
+// Epilogue shared by both main loops. In: Cs = X Wᵀ tile [kBM][LDC] and XAs = XA rows [kBM][ldxa], fp32 in shared
+// memory; Bc scratch for the B chunks. The CTAs of column 0 store XA; every CTA writes Y = Cs + s · XAs Bᵀ + b.
+template <typename T, int kBM>
+__device__ __forceinline__ void fwd_epilogue(const FwdParams& p, const float* Cs, const float* XAs, float* Bc,
+                                             const int ldxa, const int64_t m0, const int64_t n0, const bool col0) {
+  constexpr int BM = kBM;
+  const int64_t M = p.M, N = p.N, r = p.r;
+  const int tid = threadIdx.x;
+  if (col0) {
+    for (int64_t e = tid; e < BM * r; e += kThreads) {
+      const int64_t i = e / r, j = e % r;
+      if (m0 + i < M) p.xa[(m0 + i) * r + j] = XAs[i * ldxa + j];
+    }
+  }
+
+  // LoRA term: thread owns column tn and rows tm + 2*i (i < BM/2) of the tile.
+  const int tn = tid & (BN - 1), tm = tid >> 7;
+  float lacc[BM / 2];
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) lacc[i] = 0.0f;
+  for (int64_t j0 = 0; j0 < r; j0 += JC) {
+    __syncthreads();  // previous chunk fully consumed
+    for (int e = tid; e < BN * JC; e += kThreads) {
+      const int nn = e / JC, jj = e % JC;
+      const int64_t n = n0 + nn, j = j0 + jj;
+      Bc[nn * LDB + jj] = (n < N && j < r) ? load_dyn(p.b, n * r + j, p.adapter_dtype) : 0.0f;
+    }
+    __syncthreads();
+    const int jn = static_cast<int>(r - j0 < JC ? r - j0 : JC);
+    for (int jj = 0; jj < jn; ++jj) {
+      const float bv = Bc[tn * LDB + jj];
+#pragma unroll
+      for (int i = 0; i < BM / 2; ++i) lacc[i] = fmaf(XAs[(tm + 2 * i) * ldxa + j0 + jj], bv, lacc[i]);
+    }
+  }
+  const int64_t n = n0 + tn;
+  if (n < N) {
+    const float bias_v = p.bias ? to_f32(static_cast<const T*>(p.bias)[n]) : 0.0f;
+    T* y = static_cast<T*>(p.y);
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) {
+      const int64_t m = m0 + tm + 2 * i;
+      if (m < M) y[m * N + n] = from_f32<T>(Cs[(tm + 2 * i) * LDC + tn] + p.scale * lacc[i] + bias_v);
+    }
+  }
 }
 
 template <typename T, int kMaxXaFrags>
@@ -141,43 +189,98 @@ __global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1) lora_fwd_k
   }
   __syncthreads();
 
-  if (blockIdx.y == 0) {
-    for (int64_t e = tid; e < BM * r; e += kThreads) {
-      const int64_t i = e / r, j = e % r;
-      if (m0 + i < M) p.xa[(m0 + i) * r + j] = XAs[i * ldxa + j];
-    }
-  }
+  fwd_epilogue<T, BM>(p, Cs, XAs, Bc, ldxa, m0, n0, blockIdx.y == 0);
+}
 
-  // LoRA term: thread owns column tn and rows tm + 2*i (i < 32) of the tile.
-  const int tn = tid & (BN - 1), tm = tid >> 7;
-  float lacc[BM / 2];
+
+// ---- pipelined kernel (fp16/bf16, r <= 64, 16-byte aligned rows): lora_pipe.cuh's main loop on a [128, 128] tile
+// of Y, 1-D grid in grouped order. Shared memory: the cp.async ring + the dropped X tile (main loop), aliased by the
+// fp32 epilogue (Cs, XAs, Bc) exactly as in the simple kernel.
+struct FwdPipeSmem {
+  size_t ring, xd, main_end, cs, xas, bc, epi_end;
+};
+
+template <typename T>
+FwdPipeSmem fwd_pipe_layout() {
+  using Lay = pipe::Layout<false>;
+  FwdPipeSmem s;
+  s.ring = 0;
+  s.xd = s.ring + align128(sizeof(T) * pipe::STAGES * Lay::STAGE_ELEMS);
+  s.main_end = s.xd + align128(sizeof(T) * pipe::BM * pipe::LDA);
+  s.cs = 0;
+  s.xas = s.cs + align128(sizeof(float) * pipe::BM * LDC);
+  s.bc = s.xas + align128(sizeof(float) * pipe::BM * (pipe::RP_MAX + 4));
+  s.epi_end = s.bc + align128(sizeof(float) * BN * LDB);
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    lora_fwd_pipe_kernel(const FwdParams p, const FwdPipeSmem L, const int rp, const int tiles_m, const int tiles_n) {
+  static_assert(pipe::BN == BN, "the epilogue's column layout assumes BN = 128");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // cp.async / ldmatrix / bf16 mma need sm_80 (the launcher never picks this kernel below it)
+#else
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* ring = reinterpret_cast<T*>(smem + L.ring);
+  T* Xd = reinterpret_cast<T*>(smem + L.xd);
+  int mt, nt;
+  pipe::swizzle_tile(static_cast<int>(blockIdx.x), tiles_m, tiles_n, mt, nt);
+  const int64_t m0 = int64_t(mt) * pipe::BM, n0 = int64_t(nt) * BN;
+  const int64_t M = p.M, K = p.K, r = p.r;
+  const int tid = threadIdx.x;
+
+  pipe::LoopArgs g;
+  g.a = p.x, g.sa = p.stride_x_m, g.a_rows = M, g.m0 = m0;
+  g.b = p.w, g.sb = K, g.b_out = p.N, g.n0 = n0;
+  g.red = K, g.do_b = true, g.rp = rp;
+  const void* a_ad = p.a;
+  const int adt = p.adapter_dtype;
+  auto lora_val = [=](int j, int64_t k) { return (j < r && k < K) ? load_dyn(a_ad, j * K + k, adt) : 0.0f; };
+  // Dropout: Xd = X ⊙ Z / (1-p) from the landed X tile, element (m, k) masked by the same hash as the simple kernel.
+  auto pre = [&](const T* As, int kt) -> const T* {
+    if (!p.drop.enabled) return nullptr;
 #pragma unroll
-  for (int i = 0; i < BM / 2; ++i) lacc[i] = 0.0f;
-  for (int64_t j0 = 0; j0 < r; j0 += JC) {
-    __syncthreads();  // previous chunk fully consumed
-    for (int e = tid; e < BN * JC; e += kThreads) {
-      const int nn = e / JC, jj = e % JC;
-      const int64_t n = n0 + nn, j = j0 + jj;
-      Bc[nn * LDB + jj] = (n < N && j < r) ? load_dyn(p.b, n * r + j, p.adapter_dtype) : 0.0f;
-    }
-    __syncthreads();
-    const int jn = static_cast<int>(r - j0 < JC ? r - j0 : JC);
-    for (int jj = 0; jj < jn; ++jj) {
-      const float bv = Bc[tn * LDB + jj];
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * kThreads, row = c >> 2, ch = (c & 3) * 8;
+      const int64_t gm = m0 + row, gk = int64_t(kt) * pipe::BK + ch;
+      Vec<T> v;
+      *reinterpret_cast<uint4*>(v.v) = *reinterpret_cast<const uint4*>(As + row * pipe::LDA + ch);
 #pragma unroll
-      for (int i = 0; i < BM / 2; ++i) lacc[i] = fmaf(XAs[(tm + 2 * i) * ldxa + j0 + jj], bv, lacc[i]);
+      for (int t = 0; t < Vec<T>::N; ++t) {
+        const bool keep = gm < M && gk + t < K && dropout_keep(p.drop, gm, gk + t, K);
+        v.v[t] = from_f32<T>(keep ? to_f32(v.v[t]) * p.drop.inv_keep : 0.0f);
+      }
+      store_vec_smem(Xd + row * pipe::LDA + ch, v);
     }
-  }
-  const int64_t n = n0 + tn;
-  if (n < N) {
-    const float bias_v = p.bias ? to_f32(static_cast<const T*>(p.bias)[n]) : 0.0f;
-    T* y = static_cast<T*>(p.y);
-#pragma unroll
-    for (int i = 0; i < BM / 2; ++i) {
-      const int64_t m = m0 + tm + 2 * i;
-      if (m < M) y[m * N + n] = from_f32<T>(Cs[(tm + 2 * i) * LDC + tn] + p.scale * lacc[i] + bias_v);
-    }
-  }
+    __syncthreads();  // Xd complete before the LoRA MMAs; rewritten only after the next tile's barrier
+    return Xd;
+  };
+  auto post = [](const T*, int) {};
+
+  pipe::Acc acc;
+  pipe::main_loop<T, false>(acc, g, ring, lora_val, pre, post);
+
+  float* Cs = reinterpret_cast<float*>(smem + L.cs);
+  float* XAs = reinterpret_cast<float*>(smem + L.xas);
+  float* Bc = reinterpret_cast<float*>(smem + L.bc);
+  const int ldxa = rp + 4;
+  pipe::store_acc(acc, Cs, LDC, XAs, ldxa, rp);
+  __syncthreads();
+  fwd_epilogue<T, pipe::BM>(p, Cs, XAs, Bc, ldxa, m0, n0, nt == 0);
+#endif
+}
+
+// Which kernel a call takes, and why (recorded for last_path()).
+const char* fwd_simple_reason(const FwdParams& p, int rp) {
+  if (kernel_policy() == KernelPolicy::kSimple) return "simple (LORA_KERNELS_CUDA_KERNEL=simple)";
+  if (p.act_dtype == kFloat32) return "simple (fp32 activations: SIMT FMAs)";
+  if (rp > pipe::RP_MAX) return "simple (r > 64)";
+  if (!pipe::cp_async_ok(p.x, p.stride_x_m, p.stride_x_k, p.K))
+    return "simple (x rows not 16-byte aligned: stride_x_k != 1, or stride_x_m, K or the address not a multiple of 8 "
+           "elements)";
+  if (!pipe::cp_async_ok(p.w, p.K, 1, p.K)) return "simple (weight not 16-byte aligned)";
+  return nullptr;
 }
 
 }  // namespace
@@ -185,6 +288,20 @@ __global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1) lora_fwd_k
 void launch_fwd(const FwdParams& p, void* stream) {
   if (p.M == 0) return;  // nothing to compute, no launch
   const int rp = static_cast<int>(round_up(p.r, 16));
+  const char* why_simple = fwd_simple_reason(p, rp);
+  record_path(0, why_simple ? why_simple : "pipelined");
+  if (why_simple == nullptr) {
+    const int tiles_m = static_cast<int>(cdiv(p.M, pipe::BM)), tiles_n = static_cast<int>(cdiv(p.N, BN));
+    const dim3 grid(static_cast<unsigned>(tiles_m) * static_cast<unsigned>(tiles_n));
+    LORA_DISPATCH_ACT_DTYPE_16(p.act_dtype, T, {
+      const FwdPipeSmem L = fwd_pipe_layout<T>();
+      const size_t smem = std::max(L.main_end, L.epi_end);
+      set_smem_limit("lora_fwd", reinterpret_cast<const void*>(&lora_fwd_pipe_kernel<T>), smem);
+      lora_fwd_pipe_kernel<T><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, L, rp, tiles_m, tiles_n);
+    });
+    check_last_error("lora_fwd");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.N, BN)));
   LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
     const FwdSmem L = fwd_smem_layout<T>(rp);

@@ -10,6 +10,7 @@ the sanitizer passes but that computes garbage still fails.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -24,30 +25,55 @@ def run(backend, x, w, b, a, bb, g, **kw):
     return dict(zip(("y", "dx", "db", "dA", "dB"), (y.detach(), *grads)))
 
 
+# (policy, M, K, N, r, dtypes): the simple kernels at a shape no tile divides (K % 8 != 0: every path falls back to
+# them); the pipelined kernels (csrc/lora_pipe.cuh, 16-bit only, K and N multiples of 8) at M, K, N tails of the
+# 128x128x32 tiles, a reduction shorter than the 4-stage ring (K=40 -> 2 tiles) and one longer (N=264 -> 9 tiles).
+CASES = [
+    ("simple", 37, 70, 150, 5, ("fp32", "bf16", "fp16")),
+    ("pipelined", 37, 40, 136, 5, ("bf16", "fp16")),
+    ("pipelined", 131, 264, 264, 16, ("bf16",)),
+]
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+}
+
+
 def main() -> int:
+    from lora_kernels.cuda.backend import last_path
+
     failures = 0
     gen = torch.Generator().manual_seed(0)
-    m, k, n, r = 37, 70, 150, 5  # no dimension a multiple of any tile; two N tiles, one K tile of dX
-    for dtype, adt in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
-        for deterministic in (False, True):
+    for policy, m, k, n, r, dts in CASES:
+        os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy
+        for dtype, adt in (DTYPES[d] for d in dts):
+            for deterministic in (False, True):
 
-            def rnd(*shape, std=1.0, dt=dtype):
-                return (torch.randn(*shape, generator=gen) * std).to("cuda", dt)
+                def rnd(*shape, std=1.0, dt=dtype):
+                    return (torch.randn(*shape, generator=gen) * std).to("cuda", dt)
 
-            x, w, b = rnd(m, k), rnd(n, k, std=k**-0.5), rnd(n, std=0.1)
-            a, bb, g = rnd(r, k, std=k**-0.5, dt=adt), rnd(n, r, std=r**-0.5, dt=adt), rnd(m, n)
-            cu = run("cuda", x, w, b, a, bb, g, deterministic=deterministic)
-            to = run("torch", x, w, b, a, bb, g)
-            ref = run("torch", *(t.double() for t in (x, w, b, a, bb)), g.double())
-            torch.cuda.synchronize()
-            for name in cu:
-                err = (cu[name].double() - ref[name]).abs().max().item()
-                base = (to[name].double() - ref[name]).abs().max().item()
-                tol = 2 * base + 1e-6 * max(ref[name].abs().max().item(), 1.0)
-                ok = err <= tol and not torch.isnan(cu[name]).any()
-                failures += not ok
-                tag = "ok  " if ok else "FAIL"
-                print(f"{tag} {str(dtype):15s} det={deterministic!s:5s} {name:3s} err={err:.3e} tol={tol:.3e}")
+                x, w, b = rnd(m, k), rnd(n, k, std=k**-0.5), rnd(n, std=0.1)
+                a, bb, g = rnd(r, k, std=k**-0.5, dt=adt), rnd(n, r, std=r**-0.5, dt=adt), rnd(m, n)
+                cu = run("cuda", x, w, b, a, bb, g, deterministic=deterministic)
+                path = last_path()
+                if not (path["fwd"].startswith(policy) and path["bwd"].startswith(policy)):
+                    failures += 1
+                    print(f"FAIL {policy} M={m} K={k} N={n}: took {path}")
+                to = run("torch", x, w, b, a, bb, g)
+                ref = run("torch", *(t.double() for t in (x, w, b, a, bb)), g.double())
+                torch.cuda.synchronize()
+                for name in cu:
+                    err = (cu[name].double() - ref[name]).abs().max().item()
+                    base = (to[name].double() - ref[name]).abs().max().item()
+                    tol = 2 * base + 1e-6 * max(ref[name].abs().max().item(), 1.0)
+                    ok = err <= tol and not torch.isnan(cu[name]).any()
+                    failures += not ok
+                    tag = "ok  " if ok else "FAIL"
+                    print(
+                        f"{tag} {policy:9s} {m}x{k}x{n} r={r} {str(dtype):15s} det={deterministic!s:5s} {name:3s} "
+                        f"err={err:.3e} tol={tol:.3e}"
+                    )
     print("sanitize_check:", "FAILED" if failures else "passed")
     return 1 if failures else 0
 

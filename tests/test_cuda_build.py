@@ -104,6 +104,28 @@ def test_extension_imports_and_describes_itself():
 
 
 @requires_native
+def test_kernel_policy_is_reported():
+    """The default main loop is named by the build; last_path() answers before any call (no CUDA touched)."""
+    import lora_kernels._C as C
+
+    assert C.DEFAULT_KERNEL in ("pipelined", "simple")
+    path = cuda_backend.last_path()
+    assert set(path) == {"fwd", "bwd"} and all(isinstance(v, str) for v in path.values())
+
+
+@requires_native
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
+@pytest.mark.parametrize("policy", ["simple", "pipelined"])
+def test_policy_env_without_gpu_raises_clean_error(monkeypatch, policy):
+    """Either policy: the no-GPU error comes first and names the call (the policy is read at launch)."""
+    import lora_kernels._C as C
+
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    with pytest.raises(RuntimeError, match="lora_fwd: no usable CUDA device"):
+        C.lora_fwd(**_fwd_kwargs())
+
+
+@requires_native
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
 @pytest.mark.parametrize("call", ["lora_fwd", "lora_bwd"])
 def test_call_without_gpu_raises_clean_error(call):

@@ -89,7 +89,8 @@ def cuda_kernels(fn) -> list[str]:
 
 
 def ours(names: list[str]) -> list[str]:
-    return [nm for nm in names if "lora_fwd_kernel" in nm or "lora_bwd_kernel" in nm or "lora_bwd_reduce" in nm]
+    """Our kernels: lora_fwd_kernel / lora_fwd_pipe_kernel, lora_bwd_kernel / lora_bwd_pipe_kernel, lora_bwd_reduce."""
+    return [nm for nm in names if "lora_fwd" in nm or "lora_bwd" in nm]
 
 
 # ---------------------------------------------------------------------------------------------- oracle matrix
@@ -249,7 +250,7 @@ def test_launch_counts(deterministic):
         box["y"] = lora_linear(x, w, b, a, bb, 2.0, 0.1, seed=3, backend="cuda", deterministic=deterministic)
 
     fwd_names = cuda_kernels(fwd)
-    assert len(fwd_names) == 1 and "lora_fwd_kernel" in fwd_names[0], fwd_names
+    assert len(fwd_names) == 1 and "lora_fwd" in fwd_names[0], fwd_names
     bwd_names = cuda_kernels(lambda: box["y"].backward(g))
     want = 2 if deterministic else 1
     assert len(ours(bwd_names)) == want, bwd_names
@@ -261,6 +262,113 @@ def test_realistic_bf16():
     inputs = make_inputs(8192, 4096, 4096, 16, torch.bfloat16, adapter_dtype=torch.float32, bias=False)
     check_against_oracle(*inputs, p=0.05)
     check_against_oracle(*inputs, p=0.05, deterministic=True)
+
+
+# ---------------------------------------------------------------------------------------------- kernel policies
+# Both main loops (csrc/lora_pipe.cuh: cp.async + mma.sync; the simple WMMA loop) at shapes where the pipelined one
+# qualifies (K, N multiples of 8): M, K, N tails of the 128/128/32 tiles, a reduction shorter than the 4-stage ring
+# (K=40: 2 tiles) and longer (K=520: 17 tiles), r in {3, 16} (pipelined) and 100 (r > 64: simple, and says so).
+POLICY_SHAPES = [
+    pytest.param(1, 40, 72, 3, id="M1-K40-N72-r3"),
+    pytest.param(129, 264, 136, 16, id="M129-K264-N136-r16"),
+    pytest.param(257, 520, 392, 16, id="M257-K520-N392-r16"),
+    pytest.param(70, 136, 264, 100, id="M70-K136-N264-r100"),
+]
+POLICIES = ["simple", "pipelined"]
+
+
+def expect_path(policy: str, r: int, dtype: torch.dtype) -> str:
+    """'pipelined' or the prefix of the simple path's reason (lora_kernels._C.last_path())."""
+    if policy == "simple" or dtype == torch.float32 or r > 64:
+        return "simple"
+    return "pipelined"
+
+
+def check_path(want: str, bwd: bool = True) -> None:
+    from lora_kernels.cuda.backend import last_path
+
+    got = last_path()
+    assert got["fwd"].startswith(want), got
+    if bwd:
+        assert got["bwd"].startswith(want), got
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "p, bias, deterministic",
+    [(0.0, True, False), (0.2, False, True), (0.2, True, False)],
+    ids=["bias-atomic", "dropout-nobias-det", "dropout-bias-atomic"],
+)
+@pytest.mark.parametrize("m,k,n,r", POLICY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_policy_matches_oracle(monkeypatch, policy, dtype, m, k, n, r, p, bias, deterministic):
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    inputs = make_inputs(m, k, n, r, dtype, adapter_dtype=torch.float32 if p else dtype, bias=bias)
+    check_against_oracle(*inputs, p=p, seed=5, offset=3, deterministic=deterministic)
+    check_path(expect_path(policy, r, dtype))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_fallbacks_are_reported(monkeypatch, policy):
+    """Odd K (no 16-byte rows), a strided x and an expanded grad take the simple loop and say why."""
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    from lora_kernels.cuda.backend import last_path
+
+    check_against_oracle(*make_inputs(70, 100, 136, 16, torch.bfloat16), p=0.1)  # K % 8 != 0
+    assert last_path()["fwd"].startswith("simple") and last_path()["bwd"].startswith("simple")
+    x, w, b, a, bb = make_inputs(0, 72, 40, 4, torch.bfloat16, lead=(2, 21))
+    x = torch.cat([x, x], dim=-1)[..., ::2]  # stride 2 along K
+    check_against_oracle(x, w, b, a, bb)
+    assert last_path()["fwd"].startswith("simple"), last_path()
+    g = torch.ones(1, 1, device=DEV, dtype=torch.bfloat16).expand(9, 40)  # stride-0 grad
+    check_against_oracle(*make_inputs(9, 72, 40, 4, torch.bfloat16), g=g)
+    assert last_path()["bwd"].startswith("simple"), last_path()
+    assert last_path()["fwd"].startswith(expect_path(policy, 4, torch.bfloat16)), last_path()
+
+
+def test_policy_bad_value_raises(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LORA_KERNELS_CUDA_KERNEL"):
+        run("cuda", *make_inputs(5, 40, 30, 4, torch.bfloat16))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_deterministic_bit_reproducible(monkeypatch, policy):
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    inputs = make_inputs(300, 520, 392, 16, torch.bfloat16, adapter_dtype=torch.float32)
+    first = run("cuda", *inputs, p=0.1, deterministic=True)
+    check_path(expect_path(policy, 16, torch.bfloat16))
+    again = run("cuda", *inputs, p=0.1, deterministic=True)
+    for name in first:
+        assert torch.equal(first[name], again[name]), f"{name} differs between deterministic runs"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_launch_counts(monkeypatch, policy):
+    """The pipelined kernels keep the launch budget: forward one kernel, backward one (atomics)."""
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    x, w, b, a, bb = make_inputs(0, 264, 200, 8, torch.bfloat16, lead=(3, 50))
+    x.requires_grad_(True), a.requires_grad_(True), bb.requires_grad_(True)
+    g = torch.randn(3, 50, 200, device=DEV, dtype=torch.bfloat16)
+    box = {}
+
+    def fwd():
+        box["y"] = lora_linear(x, w, b, a, bb, 2.0, 0.1, seed=3, backend="cuda")
+
+    fwd_names = cuda_kernels(fwd)
+    want_name = "pipe" if policy == "pipelined" else "lora_fwd_kernel"
+    assert len(fwd_names) == 1 and want_name in fwd_names[0], fwd_names
+    bwd_names = cuda_kernels(lambda: box["y"].backward(g))
+    assert len(bwd_names) == 1 and ("pipe" in bwd_names[0]) == (policy == "pipelined"), bwd_names
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_realistic_shape(monkeypatch, policy):
+    """M=2048 tokens, K=N=4096, r=16, bf16 activations with fp32 adapters, dropout: the benchmark's shape family."""
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    inputs = make_inputs(2048, 4096, 4096, 16, torch.bfloat16, adapter_dtype=torch.float32, bias=False)
+    check_against_oracle(*inputs, p=0.05)
+    check_path(expect_path(policy, 16, torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------- selection

@@ -84,6 +84,18 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts) -> tuple[bool, str]:
     return True, "fused CUDA kernels"
 
 
+def last_path() -> dict[str, str]:
+    """Which main loop the last forward / backward call took: ``{"fwd": ..., "bwd": ...}``, each ``"pipelined"``
+    or ``"simple (<reason>)"`` (``"none"`` before the first call).
+
+    The policy is ``LORA_KERNELS_CUDA_KERNEL=simple|pipelined`` (read by the extension at each call; default
+    ``lora_kernels._C.DEFAULT_KERNEL``). ``pipelined`` (csrc/lora_pipe.cuh) is taken for fp16/bf16 with r <= 64 and
+    16-byte aligned rows (unit inner stride; K, N, row strides multiples of 8); anything else runs the simple
+    kernels and the reason is reported here, never silently.
+    """
+    return dict(_require_native().last_path())
+
+
 def _dropout_args(opts: LoRAOpts) -> dict:
     p = opts.dropout_p
     if p > 0:
