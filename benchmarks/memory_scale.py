@@ -119,6 +119,7 @@ def run_ours(config: str, args, peak) -> tuple[list[float], list[float]]:
 
     gpu = args.device.startswith("cuda")
     model = build_model(args.model, args.device, torch.float32 if not gpu else torch.bfloat16)
+    torch.manual_seed(1)  # the same adapter init in every config's process
     apply_lora(model, "all-linear", r=LORA["r"], lora_alpha=LORA["alpha"], adapter_dtype=torch.float32)
     if gpu:
         cast_frozen_params(model, torch.bfloat16)  # no-op for the base (loaded bf16); documents the intent
@@ -157,6 +158,7 @@ def run_hf(config: str, args, peak) -> tuple[list[float], list[float]]:
     model = build_model(args.model, args.device, torch.bfloat16 if gpu else torch.float32)
     model.config.use_cache = False
     lcfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear")
+    torch.manual_seed(1)
     model = get_peft_model(model, lcfg)  # adapters fp32 (peft's autocast_adapter_dtype default)
     data = _batches(model.config.vocab_size, args.batch, args.seq, args.warmup + args.steps, args.device)
     rows = [{"input_ids": row, "labels": row} for ids in data for row in ids.cpu()]
