@@ -8,6 +8,10 @@ code, the device index and the current stream as plain ints. Launch plan (csrc/R
   ``opts.deterministic`` (bit-reproducible). ``dW`` (full fine-tuning only) is ``Gᵀ X`` computed here with torch:
   the frozen-base case, the one this package is for, never pays for it.
 
+Main loop: ``LORA_KERNELS_CUDA_KERNEL=simple|pipelined`` (read by the extension at every call; default
+``lora_kernels._C.DEFAULT_KERNEL``). ``pipelined`` (cp.async ring + mma.sync, csrc/lora_pipe.cuh) runs for fp16/bf16
+with r <= 64 and 16-byte aligned rows, the simple kernels otherwise; ``last_path()`` says which ran and why.
+
 Saved for backward: the input (as its 2-D view), the parameters and ``xa``; the dropout mask is regenerated in the
 backward kernel from ``(seed, offset)``, never stored.
 
