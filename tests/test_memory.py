@@ -223,6 +223,7 @@ def test_memory_report_accounts_weights_and_optimizer():
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     with PeakMemory() as pm:
         big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched: must show in the RSS peak
+        pm.update()  # deterministic; the 5 ms sampler thread may not get a turn on a loaded machine
         ids, labels = _batch()
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
