@@ -96,21 +96,22 @@ def time_all(m: int, rep_ms: float) -> list[dict]:
     rows.append(("F.linear", "fwd", bench_gpu(base_fwd, rep_ms=rep_ms), flops_fwd))
     rows.append(("F.linear", "fwd+bwd", bench_gpu(base_fb, grad_to_none=[xg], rep_ms=rep_ms), 2 * flops_fwd))
     xl, al, bl = (t.detach().requires_grad_(True) for t in (x, a, b))
-    for policy in ("simple", "pipelined"):
+    # the headline (no dropout) for both policies, then the pipelined one with dropout: its forward hashes the mask
+    # of every X element once per column of CTAs (N/128 times), the cost to watch
+    for policy, p in (("simple", P_DROP), ("pipelined", P_DROP), ("pipelined", 0.1)):
         os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy
+        name = f"cuda-{policy}" + (f" p={p}" if p else "")
 
-        def lora_fwd():
+        def lora_fwd(p=p):
             with torch.no_grad():
-                return lora_linear(x, w, None, a, b, 2.0, P_DROP, backend="cuda")
+                return lora_linear(x, w, None, a, b, 2.0, p, backend="cuda")
 
-        def lora_fb():
-            y = lora_linear(xl, w, None, al, bl, 2.0, P_DROP, backend="cuda")
+        def lora_fb(p=p):
+            y = lora_linear(xl, w, None, al, bl, 2.0, p, backend="cuda")
             y.backward(gy)
 
-        rows.append((f"cuda-{policy}", "fwd", bench_gpu(lora_fwd, rep_ms=rep_ms), flops_fwd))
-        rows.append(
-            (f"cuda-{policy}", "fwd+bwd", bench_gpu(lora_fb, grad_to_none=[xl, al, bl], rep_ms=rep_ms), 2 * flops_fwd)
-        )
+        rows.append((name, "fwd", bench_gpu(lora_fwd, rep_ms=rep_ms), flops_fwd))
+        rows.append((name, "fwd+bwd", bench_gpu(lora_fb, grad_to_none=[xl, al, bl], rep_ms=rep_ms), 2 * flops_fwd))
     out = []
     for provider, mode, st, flops in rows:
         out.append(
