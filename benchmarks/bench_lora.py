@@ -210,7 +210,9 @@ class Checker:
                 tol = 2.0 * _max_err(eager, ref) + 0.5 * eps * ref.abs().max().item()
                 self.refs[p] = (ref, tol)
 
-    def check(self, name: str, builder, own_rng: bool, has_lora: bool) -> tuple[float | None, float | None, str]:
+    def check(
+        self, name: str, builder, own_rng: bool, has_lora: bool, activate=None
+    ) -> tuple[float | None, float | None, str]:
         if not has_lora:
             return None, None, "n/a"
         case, inp = self.case, self.inp
@@ -221,24 +223,22 @@ class Checker:
                 built = builder(inp, dataclasses.replace(case, dropout=0.0))
                 out = built.forward(inp.x)
             else:
-                out = _seeded_forward(name, case, inp)
+                out = _seeded_forward(name, case, inp, activate)
         err = _max_err(out, ref)
         ok = err == err and err <= tol  # NaN fails
         status = ("ok" if ok else "MISMATCH") + (" (p=0)" if own_rng and case.dropout > 0 else "")
         return err, tol, status
 
 
-def _seeded_forward(name: str, case: P.Case, inp: P.Inputs) -> torch.Tensor:
+def _seeded_forward(name: str, case: P.Case, inp: P.Inputs, activate=None) -> torch.Tensor:
     from lora_kernels import lora_linear
 
-    backend = name.split("-", 1)[0]
-    if "-" in name:
-        import lora_kernels.triton as lkt
-
-        lkt.set_forward_plan(name.split("-", 1)[1])
+    if activate is not None:
+        activate()
     return lora_linear(
-        inp.x, inp.weight, None, inp.lora_A, inp.lora_B, inp.scale, case.dropout, True, seed=CHECK_SEED, backend=backend
-    )
+        inp.x, inp.weight, None, inp.lora_A, inp.lora_B, inp.scale, case.dropout, True, seed=CHECK_SEED,
+        backend=name.split("-", 1)[0],
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -256,14 +256,16 @@ class Settings:
 
 def _timed_fns(built: P.Built, inp: P.Inputs, mode: str):
     """(fn, grad_to_none, keepalive) for one provider and timing mode."""
-    x, dy, fwd = inp.x, inp.dy, built.forward
+    x, dy, fwd, act = inp.x, inp.dy, built.forward, built.activate
     grads = (x, *built.params)
     if mode == "fwd":
         return (lambda: fwd(x)), grads, None
     if mode == "fwd+bwd":
         return (lambda: fwd(x).backward(dy)), grads, None
     y = fwd(x)  # bwd: one forward, the graph kept alive across timed backwards
-    return (lambda: y.backward(dy, retain_graph=True)), grads, y
+    if act is None:
+        return (lambda: y.backward(dy, retain_graph=True)), grads, y
+    return (lambda: (act(), y.backward(dy, retain_graph=True))), grads, y
 
 
 def _on_gpu(case: P.Case) -> bool:
@@ -284,7 +286,11 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
     for name, builder in chosen:
         try:
             b = builder(inp, case)
-            check[name] = checker.check(name, builder, b.own_rng, b.has_lora)
+            check[name] = checker.check(name, builder, b.own_rng, b.has_lora, b.activate)
+            if name.startswith("cuda-"):
+                from lora_kernels.cuda.backend import last_path
+
+                log(f"  {name}: main loop taken {last_path()}")
         except Exception as e:  # a provider that crashes is a failure to report, not a reason to stop the run
             failures.append(f"{case.label()} {name}: crashed: {type(e).__name__}: {e}")
             log(f"  FAIL {name}: {type(e).__name__}: {e}")

@@ -6,7 +6,8 @@
             torch autograd (no custom autograd.Function)
     torch / triton / cuda
             lora_kernels.lora_linear(..., backend=name); "triton-fused" / "triton-split" select one of the two
-            forward plans of the Triton kernel when the Triton module offers set_forward_plan()
+            forward plans of the Triton kernel when the Triton module offers set_forward_plan(); on a GPU
+            "cuda-simple" / "cuda-pipelined" select the CUDA main loop (LORA_KERNELS_CUDA_KERNEL)
 
 Every provider receives the same tensors (``Inputs``): a frozen base weight, trainable adapters (fp32 by default,
 PEFT's default, or the activation dtype), ``x`` that requires grad, and a fixed upstream gradient ``dy``.
@@ -99,6 +100,9 @@ class Built:
     params: list[torch.Tensor]
     own_rng: bool  # dropout from torch's RNG (not lora_kernels' hash): outputs comparable only at p = 0
     has_lora: bool = True
+    # Selects this provider's variant in process-wide state (Triton forward plan, CUDA main-loop policy); called
+    # before every timed call, so an interleaved or backward-only run never measures another provider's variant.
+    activate: Callable[[], None] | None = None
     excluded_storages: set[int] = field(default_factory=set)  # parameter storages (not activation memory)
 
 
@@ -168,27 +172,51 @@ def build_peft(inp: Inputs, case: Case) -> Built:
     return Built("peft", layer, params, own_rng=True, excluded_storages=_storage_ptrs(inp.weight, *params))
 
 
-def build_backend(name: str, backend: str, plan: str | None):
-    """``lora_kernels.lora_linear`` with ``backend``; ``plan`` selects a Triton forward plan (None: the default)."""
+CUDA_POLICY_ENV = "LORA_KERNELS_CUDA_KERNEL"  # read by the extension at every call (lora_kernels/cuda/backend.py)
+
+
+def variant_activator(backend: str, variant: str | None) -> Callable[[], None] | None:
+    """The function that selects ``variant`` (a Triton forward plan or a CUDA main-loop policy), or None."""
+    if variant is None:
+        return None
+    if backend == "triton":
+        import lora_kernels.triton as lkt
+
+        def activate():
+            if lkt.get_forward_plan() != variant:
+                lkt.set_forward_plan(variant)
+
+        return activate
+    if backend == "cuda":
+
+        def activate():
+            if os.environ.get(CUDA_POLICY_ENV) != variant:
+                os.environ[CUDA_POLICY_ENV] = variant
+
+        return activate
+    raise ValueError(f"backend {backend!r} has no variants")
+
+
+def build_backend(name: str, backend: str, variant: str | None):
+    """``lora_kernels.lora_linear`` with ``backend``; ``variant`` = a Triton forward plan or CUDA kernel policy."""
 
     def build(inp: Inputs, case: Case) -> Built:
         from lora_kernels import lora_linear
 
         w, a, b, s, p = inp.weight, inp.lora_A, inp.lora_B, inp.scale, case.dropout
-        if plan is None:
+        activate = variant_activator(backend, variant)
+        if activate is None:
 
             def forward(x):
                 return lora_linear(x, w, None, a, b, s, p, True, backend=backend)
 
         else:
-            import lora_kernels.triton as lkt
 
             def forward(x):
-                if lkt.get_forward_plan() != plan:
-                    lkt.set_forward_plan(plan)
+                activate()
                 return lora_linear(x, w, None, a, b, s, p, True, backend=backend)
 
-        return Built(name, forward, [a, b], own_rng=False, excluded_storages=_storage_ptrs(w, a, b))
+        return Built(name, forward, [a, b], own_rng=False, excluded_storages=_storage_ptrs(w, a, b), activate=activate)
 
     return build
 
@@ -224,6 +252,17 @@ def triton_plans() -> tuple[str, ...]:
     except ImportError:
         return ("fused", "split")
     return tuple(PLANS)
+
+
+def cuda_policies(case: Case) -> tuple[str, ...]:
+    """The CUDA backend's main-loop policies, on a GPU and when the backend reports which loop ran (last_path)."""
+    if not case.device.startswith("cuda"):
+        return ()
+    try:
+        import lora_kernels.cuda.backend as lkc
+    except ImportError:
+        return ()
+    return ("simple", "pipelined") if hasattr(lkc, "last_path") else ()
 
 
 def select(
@@ -263,9 +302,9 @@ def select(
                         Skipped(name, "CPU tensors need TRITON_INTERPRET=1 set before lora_kernels.triton is imported")
                     )
                     continue
-            plans = triton_plans() if name == "triton" else ()
-            if plans:
-                chosen.extend((f"triton-{pl}", build_backend(f"triton-{pl}", "triton", pl)) for pl in plans)
+            variants = triton_plans() if name == "triton" else cuda_policies(case) if name == "cuda" else ()
+            if variants:
+                chosen.extend((f"{name}-{v}", build_backend(f"{name}-{v}", name, v)) for v in variants)
             else:
                 chosen.append((name, build_backend(name, name, None)))
         else:

@@ -16,7 +16,18 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-PROVIDER_ORDER = ["base", "peft", "addmm", "torch", "triton", "triton-fused", "triton-split", "cuda"]
+PROVIDER_ORDER = [
+    "base",
+    "peft",
+    "addmm",
+    "torch",
+    "triton",
+    "triton-fused",
+    "triton-split",
+    "cuda",
+    "cuda-simple",
+    "cuda-pipelined",
+]
 MODE_ORDER = ["fwd", "bwd", "fwd+bwd", "memory"]
 
 

@@ -261,3 +261,21 @@ def test_bench_gpu_uses_do_bench_quantiles(monkeypatch):
     assert (st.median_ms, st.p20_ms, st.p80_ms, st.n) == (2.0, 1.5, 2.5, 20)
     assert 0 <= st.host_ms < 2.0
     assert seen == dict(warmup=7, rep=40, grads=[x], quantiles=[0.5, 0.2, 0.8])
+
+
+def test_variant_is_selected_before_every_timed_call(monkeypatch):
+    """Triton plans / CUDA policies are process-wide: each timed call (backward-only too) selects its own."""
+    monkeypatch.delenv(providers.CUDA_POLICY_ENV, raising=False)
+    act = providers.variant_activator("cuda", "simple")
+    act()
+    assert os.environ[providers.CUDA_POLICY_ENV] == "simple"
+    case = providers.Case(M=3, K=8, N=4, r=2)
+    inp = providers.make_inputs(case)
+    built = providers.build_base(inp, case)
+    seen = []
+    built.activate = lambda: seen.append("act")
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        fn, _, _keep = bench_lora._timed_fns(built, inp, mode)
+        fn()
+    assert seen == ["act"]  # base's forward does not call it; the bwd-only closure must
+    assert providers.cuda_policies(case) == ()  # CPU: no CUDA variants
