@@ -3,7 +3,8 @@
     python -m benchmarks.gpu_cuda_perf                 # M in {16, 8192}, 4096 -> 4096, r=16, bf16, fp32 adapters
     python -m benchmarks.gpu_cuda_perf --m 8192 --csv out.csv
 
-For each M and each policy (LORA_KERNELS_CUDA_KERNEL=simple|pipelined, read by the extension at each call) it first
+For each M and each policy (LORA_KERNELS_CUDA_KERNEL=simple|pipelined, the latter with LORA_KERNELS_CUDA_BK=32 (the
+default) and 64; read by the extension at each call) it first
 checks y, dx, dA, dB against the torch backend's fp64 evaluation (the tests' rule: error <= 2x torch's own error in
 the same dtypes + 1e-6 relative), records which path the calls took (lora_kernels.cuda.backend.last_path()), then
 times fwd and fwd+bwd with benchmarks.timing.bench_gpu (median, p20, p80). F.linear (fwd) and F.linear + its
@@ -27,6 +28,15 @@ from lora_kernels.functional import lora_linear
 K = N = 4096
 R = 16
 P_DROP = 0.0  # the headline configuration; dropout is covered by the GPU tests
+
+
+# LORA_KERNELS_CUDA_KERNEL, and for "pipelined-bk64" LORA_KERNELS_CUDA_BK=64 (3 stages of BK=64 instead of 4 of 32)
+POLICIES = ("simple", "pipelined", "pipelined-bk64")
+
+
+def set_policy(policy: str) -> None:
+    os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy.removesuffix("-bk64")
+    os.environ["LORA_KERNELS_CUDA_BK"] = "64" if policy.endswith("-bk64") else "32"
 
 
 def make(m: int, seed: int = 0):
@@ -60,11 +70,11 @@ def check(m: int) -> tuple[bool, list[str]]:
     ref = fwd_bwd("torch", x.double(), w.double(), a.double(), b.double(), gy.double())
     tor = fwd_bwd("torch", x, w, a, b, gy)
     ok, lines = True, []
-    for policy in ("simple", "pipelined"):
-        os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy
+    for policy in POLICIES:
+        set_policy(policy)
         cu = fwd_bwd("cuda", x, w, a, b, gy)
         path = last_path()
-        if policy == "pipelined" and (path["fwd"] != "pipelined" or path["bwd"] != "pipelined"):
+        if policy != "simple" and not (path["fwd"].startswith("pipelined") and path["bwd"].startswith("pipelined")):
             ok = False
             lines.append(f"FAIL M={m} {policy}: took {path}")
         for name in cu:
@@ -74,7 +84,7 @@ def check(m: int) -> tuple[bool, list[str]]:
             good = err <= tol and not torch.isnan(cu[name]).any().item()
             ok &= good
             lines.append(
-                f"{'ok  ' if good else 'FAIL'} M={m:5d} {policy:9s} {name:2s} err={err:.3e} tol={tol:.3e} "
+                f"{'ok  ' if good else 'FAIL'} M={m:5d} {policy:14s} {name:2s} err={err:.3e} tol={tol:.3e} "
                 f"path fwd={path['fwd']!r} bwd={path['bwd']!r}"
             )
     return ok, lines
@@ -98,8 +108,8 @@ def time_all(m: int, rep_ms: float) -> list[dict]:
     xl, al, bl = (t.detach().requires_grad_(True) for t in (x, a, b))
     # the headline (no dropout) for both policies, then the pipelined one with dropout: its forward hashes the mask
     # of every X element once per column of CTAs (N/128 times), the cost to watch
-    for policy, p in (("simple", P_DROP), ("pipelined", P_DROP), ("pipelined", 0.1)):
-        os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy
+    for policy, p in (*((pol, P_DROP) for pol in POLICIES), ("pipelined", 0.1)):
+        set_policy(policy)
         name = f"cuda-{policy}" + (f" p={p}" if p else "")
 
         def lora_fwd(p=p):
@@ -139,7 +149,7 @@ def main(argv=None) -> int:
         return 2
     import lora_kernels._C as C  # noqa: F401  (fails loudly when the extension is not built)
 
-    saved = os.environ.get("LORA_KERNELS_CUDA_KERNEL")
+    saved = {v: os.environ.get(v) for v in ("LORA_KERNELS_CUDA_KERNEL", "LORA_KERNELS_CUDA_BK")}
     ok = True
     rows = []
     try:
@@ -150,10 +160,11 @@ def main(argv=None) -> int:
         for m in args.m:
             rows += time_all(m, args.rep_ms)
     finally:
-        if saved is None:
-            os.environ.pop("LORA_KERNELS_CUDA_KERNEL", None)
-        else:
-            os.environ["LORA_KERNELS_CUDA_KERNEL"] = saved
+        for var, val in saved.items():
+            if val is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = val
     print(f"\n{torch.cuda.get_device_name()}  K=N={K} r={R} bf16 activations, fp32 adapters, p={P_DROP}")
     print("| M | mode | provider | median ms | p20 | p80 | x base | base TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -109,6 +109,22 @@ KernelPolicy kernel_policy() {
   throw std::invalid_argument("LORA_KERNELS_CUDA_KERNEL must be 'simple' or 'pipelined', got '" + v + "'");
 }
 
+int pipe_bk() {
+  const char* env = std::getenv("LORA_KERNELS_CUDA_BK");
+  if (env == nullptr || *env == '\0') return 32;
+  const std::string v(env);
+  if (v == "32") return 32;
+  if (v == "64") return 64;
+  throw std::invalid_argument("LORA_KERNELS_CUDA_BK must be 32 or 64, got '" + v + "'");
+}
+
+size_t device_smem_optin() {
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return static_cast<size_t>(optin);
+}
+
 static std::string g_last_path[2] = {"none", "none"};  // calls come from Python under the GIL
 
 void record_path(int which, const char* path) { g_last_path[which] = path; }

@@ -99,6 +99,10 @@ KernelPolicy kernel_policy();
 // The path the last forward (which = 0) / backward (which = 1) call of this process took, e.g. "pipelined" or
 // "simple (r > 64)" (the binding's last_path()).
 void record_path(int which, const char* path);
+// Reduction step of the pipelined loop: LORA_KERNELS_CUDA_BK=32|64 (default 32), read at each call.
+int pipe_bk();
+// The current device's opt-in shared memory limit per block (bytes).
+size_t device_smem_optin();
 std::string last_path(int which);
 
 }  // namespace lora

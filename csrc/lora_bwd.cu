@@ -368,12 +368,12 @@ struct BwdPipeSmem {
   size_t ring, main_end, cs, ac, epi_end, xas, total;
 };
 
-template <typename T>
+template <typename T, int kBK>
 BwdPipeSmem bwd_pipe_layout() {
-  using Lay = pipe::Layout<true>;
+  using Lay = pipe::Layout<true, kBK>;
   BwdPipeSmem s;
   s.ring = 0;
-  s.main_end = align128(sizeof(T) * pipe::STAGES * Lay::STAGE_ELEMS);
+  s.main_end = align128(sizeof(T) * pipe::Cfg<kBK>::STAGES * Lay::STAGE_ELEMS);
   s.cs = 0;
   s.ac = s.cs + align128(sizeof(float) * pipe::BM * LDC);
   s.epi_end = s.ac + align128(sizeof(float) * JC * BKX);
@@ -382,11 +382,11 @@ BwdPipeSmem bwd_pipe_layout() {
   return s;
 }
 
-template <typename T>
+template <typename T, int kBK>
 __global__ void __launch_bounds__(kThreads, 1) lora_bwd_pipe_kernel(const BwdParams p, const BwdPipeSmem L,
                                                                     const BwdWs W, const int rp, const int tiles_m,
                                                                     const int tiles_k) {
-  static_assert(pipe::BN == BKX && pipe::BK == BNR, "the epilogue and dB chunks assume BKX = 128, BNR = 32");
+  static_assert(pipe::BN == BKX && kBK % BNR == 0, "the epilogue and dB chunks assume BKX = 128, BK = 32 * h");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async / ldmatrix / bf16 mma need sm_80 (the launcher never picks this kernel below it)
 #else
@@ -418,12 +418,19 @@ __global__ void __launch_bounds__(kThreads, 1) lora_bwd_pipe_kernel(const BwdPar
   // LoRA operand: Bᵀ, element (j, n) = B[n, j]
   auto lora_val = [=](int j, int64_t n) { return (j < r && n < N) ? load_dyn(b_ad, n * r + j, adt) : 0.0f; };
   auto pre = [](const T*, int) -> const T* { return nullptr; };
+  // dB / db in chunks of BNR = 32 columns of the staged G tile (the counters of the atomic mode are per chunk)
   auto post = [&](const T* Gs, int kt) {
-    if (col0) bwd_db_chunk<T, pipe::BM>(p, W, Gs, pipe::LDA, XAs, ldx, mt, int64_t(kt) * BNR, tiles_m, last_flag);
+    if (!col0) return;
+#pragma unroll 1
+    for (int h = 0; h < kBK / BNR; ++h) {
+      const int64_t n0 = int64_t(kt) * kBK + h * BNR;
+      if (n0 < N)
+        bwd_db_chunk<T, pipe::BM>(p, W, Gs + h * BNR, pipe::Cfg<kBK>::LDA, XAs, ldx, mt, n0, tiles_m, last_flag);
+    }
   };
 
   pipe::Acc acc;
-  pipe::main_loop<T, true>(acc, g, ring, lora_val, pre, post);
+  pipe::main_loop<T, true, kBK>(acc, g, ring, lora_val, pre, post);
 
   float* Cs = reinterpret_cast<float*>(smem + L.cs);
   float* Ac = reinterpret_cast<float*>(smem + L.ac);
@@ -456,7 +463,13 @@ void launch_bwd(const BwdParams& p, void* stream_ptr) {
   const int rp = static_cast<int>(round_up(p.r, 16));
   const char* why_simple = p.M == 0 ? "none (M = 0: memsets only)" : bwd_simple_reason(p, rp);
   const bool piped = why_simple == nullptr;
-  record_path(1, piped ? "pipelined" : why_simple);
+  int bk = piped ? pipe_bk() : 32;
+  // BK=64's backward needs ~166 KB of shared memory: more than sm_80's opt-in limit (163 KB) -> BK=32 there
+  if (piped && bk == 64 && bwd_pipe_layout<__half, 64>().total + 16 > device_smem_optin()) bk = 32;
+  record_path(1, !piped ? why_simple
+                 : bk == 64 ? "pipelined (BK=64)"
+                 : pipe_bk() == 64 ? "pipelined (BK=32: BK=64 needs more shared memory than this device allows)"
+                              : "pipelined");
   const BwdWs W = bwd_ws_layout(p.M, p.N, p.K, p.r, p.deterministic, piped ? pipe::BM : BM);
   if (p.M == 0) {
     // No rows: dX is empty; dA, dB, db are zero. Plain memsets, no kernel launch.
@@ -475,10 +488,12 @@ void launch_bwd(const BwdParams& p, void* stream_ptr) {
     const int tiles_m = static_cast<int>(cdiv(p.M, pipe::BM)), tiles_k = static_cast<int>(cdiv(p.K, BKX));
     const dim3 grid(static_cast<unsigned>(tiles_m) * static_cast<unsigned>(tiles_k));
     LORA_DISPATCH_ACT_DTYPE_16(p.act_dtype, T, {
-      const BwdPipeSmem L = bwd_pipe_layout<T>();
-      const size_t smem = L.total + 16;
-      set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_pipe_kernel<T>), smem);
-      lora_bwd_pipe_kernel<T><<<grid, kThreads, smem, stream>>>(p, L, W, rp, tiles_m, tiles_k);
+      LORA_DISPATCH_BK(bk, BKV, {
+        const BwdPipeSmem L = bwd_pipe_layout<T, BKV>();
+        const size_t smem = L.total + 16;
+        set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_pipe_kernel<T, BKV>), smem);
+        lora_bwd_pipe_kernel<T, BKV><<<grid, kThreads, smem, stream>>>(p, L, W, rp, tiles_m, tiles_k);
+      });
     });
   } else {
   const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.K, BKX)));

@@ -200,13 +200,13 @@ struct FwdPipeSmem {
   size_t ring, xd, main_end, cs, xas, bc, epi_end;
 };
 
-template <typename T>
+template <typename T, int kBK>
 FwdPipeSmem fwd_pipe_layout() {
-  using Lay = pipe::Layout<false>;
+  using Lay = pipe::Layout<false, kBK>;
   FwdPipeSmem s;
   s.ring = 0;
-  s.xd = s.ring + align128(sizeof(T) * pipe::STAGES * Lay::STAGE_ELEMS);
-  s.main_end = s.xd + align128(sizeof(T) * pipe::BM * pipe::LDA);
+  s.xd = s.ring + align128(sizeof(T) * pipe::Cfg<kBK>::STAGES * Lay::STAGE_ELEMS);
+  s.main_end = s.xd + align128(sizeof(T) * pipe::BM * Lay::LDA);
   s.cs = 0;
   s.xas = s.cs + align128(sizeof(float) * pipe::BM * LDC);
   s.bc = s.xas + align128(sizeof(float) * pipe::BM * (pipe::RP_MAX + 4));
@@ -214,7 +214,7 @@ FwdPipeSmem fwd_pipe_layout() {
   return s;
 }
 
-template <typename T>
+template <typename T, int kBK>
 __global__ void __launch_bounds__(kThreads, 1)
     lora_fwd_pipe_kernel(const FwdParams p, const FwdPipeSmem L, const int rp, const int tiles_m, const int tiles_n) {
   static_assert(pipe::BN == BN, "the epilogue's column layout assumes BN = 128");
@@ -237,21 +237,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const void* a_ad = p.a;
   const int adt = p.adapter_dtype;
   auto lora_val = [=](int j, int64_t k) { return (j < r && k < K) ? load_dyn(a_ad, j * K + k, adt) : 0.0f; };
+  constexpr int LDA = pipe::Cfg<kBK>::LDA, CPR = pipe::Cfg<kBK>::CPR;
   // Dropout: Xd = X ⊙ Z / (1-p) from the landed X tile, element (m, k) masked by the same hash as the simple kernel.
   auto pre = [&](const T* As, int kt) -> const T* {
     if (!p.drop.enabled) return nullptr;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * kThreads, row = c >> 2, ch = (c & 3) * 8;
-      const int64_t gm = m0 + row, gk = int64_t(kt) * pipe::BK + ch;
+    for (int i = 0; i < pipe::BM * CPR / kThreads; ++i) {
+      const int c = tid + i * kThreads, row = c / CPR, ch = (c % CPR) * 8;
+      const int64_t gm = m0 + row, gk = int64_t(kt) * kBK + ch;
       Vec<T> v;
-      *reinterpret_cast<uint4*>(v.v) = *reinterpret_cast<const uint4*>(As + row * pipe::LDA + ch);
+      *reinterpret_cast<uint4*>(v.v) = *reinterpret_cast<const uint4*>(As + row * LDA + ch);
 #pragma unroll
       for (int t = 0; t < Vec<T>::N; ++t) {
         const bool keep = gm < M && gk + t < K && dropout_keep(p.drop, gm, gk + t, K);
         v.v[t] = from_f32<T>(keep ? to_f32(v.v[t]) * p.drop.inv_keep : 0.0f);
       }
-      store_vec_smem(Xd + row * pipe::LDA + ch, v);
+      store_vec_smem(Xd + row * LDA + ch, v);
     }
     __syncthreads();  // Xd complete before the LoRA MMAs; rewritten only after the next tile's barrier
     return Xd;
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto post = [](const T*, int) {};
 
   pipe::Acc acc;
-  pipe::main_loop<T, false>(acc, g, ring, lora_val, pre, post);
+  pipe::main_loop<T, false, kBK>(acc, g, ring, lora_val, pre, post);
 
   float* Cs = reinterpret_cast<float*>(smem + L.cs);
   float* XAs = reinterpret_cast<float*>(smem + L.xas);
@@ -289,15 +290,18 @@ void launch_fwd(const FwdParams& p, void* stream) {
   if (p.M == 0) return;  // nothing to compute, no launch
   const int rp = static_cast<int>(round_up(p.r, 16));
   const char* why_simple = fwd_simple_reason(p, rp);
-  record_path(0, why_simple ? why_simple : "pipelined");
+  record_path(0, why_simple ? why_simple : pipe_bk() == 64 ? "pipelined (BK=64)" : "pipelined");
   if (why_simple == nullptr) {
     const int tiles_m = static_cast<int>(cdiv(p.M, pipe::BM)), tiles_n = static_cast<int>(cdiv(p.N, BN));
     const dim3 grid(static_cast<unsigned>(tiles_m) * static_cast<unsigned>(tiles_n));
     LORA_DISPATCH_ACT_DTYPE_16(p.act_dtype, T, {
-      const FwdPipeSmem L = fwd_pipe_layout<T>();
-      const size_t smem = std::max(L.main_end, L.epi_end);
-      set_smem_limit("lora_fwd", reinterpret_cast<const void*>(&lora_fwd_pipe_kernel<T>), smem);
-      lora_fwd_pipe_kernel<T><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, L, rp, tiles_m, tiles_n);
+      LORA_DISPATCH_BK(pipe_bk(), BKV, {
+        const FwdPipeSmem L = fwd_pipe_layout<T, BKV>();
+        const size_t smem = std::max(L.main_end, L.epi_end);
+        set_smem_limit("lora_fwd", reinterpret_cast<const void*>(&lora_fwd_pipe_kernel<T, BKV>), smem);
+        lora_fwd_pipe_kernel<T, BKV>
+            <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, L, rp, tiles_m, tiles_n);
+      });
     });
     check_last_error("lora_fwd");
     return;

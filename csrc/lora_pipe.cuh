@@ -2,7 +2,8 @@
 // (dX = G W, GB = G B) kernels: `mma.sync.m16n8k16` (fp16/bf16 -> fp32) on operands fed by `ldmatrix` from a padded
 // shared layout, filled by 16-byte `cp.async.cg` copies in a STAGES-deep ring. fp16/bf16 only (sm_80+).
 //
-// One CTA of 8 warps owns a [BM=128, BN=128] output tile and walks the reduction dimension in steps of BK=32:
+// One CTA of 8 warps owns a [BM=128, BN=128] output tile and walks the reduction dimension in steps of BK (32 with
+// 4 stages by default, 64 with 3 stages on request, see Cfg):
 //
 //   prologue: stages 0..S-2 <- tiles 0..S-2                    (cp.async, one commit group per tile)
 //   for kt in 0..KT-1:
@@ -15,8 +16,9 @@
 //       stage (kt+S-1)%S.L <- Lreg                             plain stores, read after a later barrier
 //       [hook_post] bwd, first column of CTAs: dB/db partials from the staged G tile
 //
-// Shared layout: every tile row is padded by 8 elements (16 bytes): a row of BK=32 16-bit elements becomes 80 bytes,
-// so the 8 row addresses of one 8x8 ldmatrix land in 8 different 16-byte bank groups (80/16 = 5, odd); the
+// Shared layout: every tile row is padded by 8 elements (16 bytes): a row of BK=32 16-bit elements becomes 80 bytes
+// (BK=64: 144), so the 8 row addresses of one 8x8 ldmatrix land in 8 different 16-byte bank groups (80/16 = 5 and
+// 144/16 = 9 are odd); the
 // transposed W tile of the backward ([BK][BN+8], 272-byte rows, 272/16 = 17) likewise. No swizzle arithmetic.
 //
 // Operand layouts (both "reduction-contiguous" except the backward's W):
@@ -34,15 +36,27 @@
 namespace lora {
 namespace pipe {
 
-constexpr int BM = 128, BN = 128, BK = 32;
-// 4 stages: ~24 KB per stage (X/G 10 KB, W 10 / 8.5 KB, L 5 KB at RP=64): 96-100 KB ring, 1 CTA (8 warps) per SM.
-constexpr int STAGES = 4;
+constexpr int BM = 128, BN = 128;
 constexpr int RP_MAX = 64;  // LoRA ranks up to 64 (RP = r rounded up to 16); larger ranks use the simple kernels
-constexpr int LDA = BK + 8;  // 80-byte rows: conflict-free ldmatrix and cp.async
-constexpr int GROUP_M = 8;   // grid swizzle: 8 M-tiles share each W tile while it is in L2
+constexpr int GROUP_M = 8;  // grid swizzle: 8 M-tiles share each W tile while it is in L2
 
-template <bool kBTrans>
+// Reduction step BK (a template parameter; LORA_KERNELS_CUDA_BK=32|64 picks it at run time, default 32):
+//   BK=32: 4 stages of ~24 KB (X/G 10 KB, W 10 / 8.5 KB, L 5 KB at RP=64): 96-100 KB ring, one barrier per 32.
+//   BK=64: 3 stages of ~45 KB: 135-138 KB ring, half the barriers; the backward (170 KB with XA/GB) needs sm_90's
+//          227 KB, so on sm_80 the launcher falls back to BK=32 (and says so).
+// Either way 1 CTA (8 warps, ~200 registers each) per SM.
+template <int kBK>
+struct Cfg {
+  static_assert(kBK == 32 || kBK == 64, "BK is 32 or 64");
+  static constexpr int BK = kBK;
+  static constexpr int STAGES = kBK == 32 ? 4 : 3;
+  static constexpr int LDA = kBK + 8;  // 80 / 144-byte rows (odd multiples of 16): conflict-free ldmatrix, cp.async
+  static constexpr int CPR = kBK / 8;  // 16-byte chunks per row of the A / forward-B tile
+};
+
+template <bool kBTrans, int kBK>
 struct Layout {
+  static constexpr int BK = kBK, LDA = Cfg<kBK>::LDA;
   static constexpr int LDB = kBTrans ? BN + 8 : BK + 8;
   static constexpr int A_ELEMS = BM * LDA;
   static constexpr int B_ELEMS = kBTrans ? BK * LDB : BN * LDB;
@@ -125,10 +139,11 @@ struct LoopArgs {
 // The main loop. `lora_val(j, kred) -> float` gives the LoRA operand (0 outside); `pre(As, kt) -> const T*` may
 // build a transformed copy of the A tile for the LoRA MMA (returns nullptr to use As itself); `post(As, kt)` runs
 // after the tile's MMAs (reads the staged A tile). Both hooks are called by all threads (they may hold barriers).
-template <typename T, bool kBTrans, class LoraVal, class Pre, class Post>
+template <typename T, bool kBTrans, int kBK, class LoraVal, class Pre, class Post>
 __device__ __forceinline__ void main_loop(Acc& acc, const LoopArgs& g, T* ring, LoraVal lora_val, Pre pre, Post post) {
-  using Lay = Layout<kBTrans>;
-  constexpr int LDB = Lay::LDB;
+  using Lay = Layout<kBTrans, kBK>;
+  constexpr int LDB = Lay::LDB, BK = kBK, LDA = Cfg<kBK>::LDA, STAGES = Cfg<kBK>::STAGES, CPR = Cfg<kBK>::CPR;
+  constexpr int CH = BM * CPR / kThreads;  // 16-byte chunks per thread per operand tile (2 or 4)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
   const T* A = static_cast<const T*>(g.a);
   const T* B = static_cast<const T*>(g.b);
@@ -151,13 +166,13 @@ __device__ __forceinline__ void main_loop(Acc& acc, const LoopArgs& g, T* ring, 
   auto stage_b = [&](int s) { return ring + s * Lay::STAGE_ELEMS + Lay::A_ELEMS; };
   auto stage_l = [&](int s) { return ring + s * Lay::STAGE_ELEMS + Lay::A_ELEMS + Lay::B_ELEMS; };
 
-  // 512 16-byte chunks per operand tile: 2 per thread.
+  // BM * BK / 8 16-byte chunks per operand tile (the transposed W tile: BK * BN / 8, the same count): CH per thread.
   auto load_async = [&](int s, int kt) {
     const int64_t k0 = int64_t(kt) * BK;
     T* As = stage_a(s);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * kThreads, row = c >> 2, ch = (c & 3) * 8;
+    for (int i = 0; i < CH; ++i) {
+      const int c = tid + i * kThreads, row = c / CPR, ch = (c % CPR) * 8;
       const int64_t gm = g.m0 + row, gk = k0 + ch;
       const bool ok = gm < g.a_rows && gk < g.red;
       cp_async16(As + row * LDA + ch, ok ? A + gm * g.sa + gk : A, ok);
@@ -165,15 +180,15 @@ __device__ __forceinline__ void main_loop(Acc& acc, const LoopArgs& g, T* ring, 
     if (g.do_b) {
       T* Bs = stage_b(s);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < CH; ++i) {
         const int c = tid + i * kThreads;
         if constexpr (kBTrans) {  // [BK red rows][BN out cols]: 16 chunks per row
           const int row = c >> 4, ch = (c & 15) * 8;
           const int64_t gk = k0 + row, gn = g.n0 + ch;
           const bool ok = gk < g.red && gn < g.b_out;
           cp_async16(Bs + row * LDB + ch, ok ? B + gk * g.sb + gn : B, ok);
-        } else {  // [BN out rows][BK red cols]: 4 chunks per row
-          const int row = c >> 2, ch = (c & 3) * 8;
+        } else {  // [BN out rows][BK red cols]: CPR chunks per row
+          const int row = c / CPR, ch = (c % CPR) * 8;
           const int64_t gn = g.n0 + row, gk = k0 + ch;
           const bool ok = gn < g.b_out && gk < g.red;
           cp_async16(Bs + row * LDB + ch, ok ? B + gn * g.sb + gk : B, ok);
@@ -294,3 +309,13 @@ inline bool cp_async_ok(const void* p, int64_t row_stride, int64_t inner_stride,
 
 }  // namespace pipe
 }  // namespace lora
+
+// BK instance of the pipelined kernels (32 or 64, from lora::pipe_bk() or the launcher's fallback).
+#define LORA_DISPATCH_BK(bk, BKV, ...) \
+  if ((bk) == 64) {                    \
+    constexpr int BKV = 64;            \
+    __VA_ARGS__;                       \
+  } else {                             \
+    constexpr int BKV = 32;            \
+    __VA_ARGS__;                       \
+  }

@@ -274,7 +274,12 @@ POLICY_SHAPES = [
     pytest.param(257, 520, 392, 16, id="M257-K520-N392-r16"),
     pytest.param(70, 136, 264, 100, id="M70-K136-N264-r100"),
 ]
-POLICIES = ["simple", "pipelined"]
+POLICIES = ["simple", "pipelined", "pipelined-bk64"]  # bk64: LORA_KERNELS_CUDA_BK=64 (3 stages of BK=64)
+
+
+def set_policy(monkeypatch, policy: str) -> None:
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy.removesuffix("-bk64"))
+    monkeypatch.setenv("LORA_KERNELS_CUDA_BK", "64" if policy.endswith("-bk64") else "32")
 
 
 def expect_path(policy: str, r: int, dtype: torch.dtype) -> str:
@@ -302,7 +307,7 @@ def check_path(want: str, bwd: bool = True) -> None:
 @pytest.mark.parametrize("m,k,n,r", POLICY_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_policy_matches_oracle(monkeypatch, policy, dtype, m, k, n, r, p, bias, deterministic):
-    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    set_policy(monkeypatch, policy)
     inputs = make_inputs(m, k, n, r, dtype, adapter_dtype=torch.float32 if p else dtype, bias=bias)
     check_against_oracle(*inputs, p=p, seed=5, offset=3, deterministic=deterministic)
     check_path(expect_path(policy, r, dtype))
@@ -311,7 +316,7 @@ def test_policy_matches_oracle(monkeypatch, policy, dtype, m, k, n, r, p, bias, 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_fallbacks_are_reported(monkeypatch, policy):
     """Odd K (no 16-byte rows), a strided x and an expanded grad take the simple loop and say why."""
-    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    set_policy(monkeypatch, policy)
     from lora_kernels.cuda.backend import last_path
 
     check_against_oracle(*make_inputs(70, 100, 136, 16, torch.bfloat16), p=0.1)  # K % 8 != 0
@@ -329,12 +334,16 @@ def test_policy_fallbacks_are_reported(monkeypatch, policy):
 def test_policy_bad_value_raises(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", "fast")
     with pytest.raises(ValueError, match="LORA_KERNELS_CUDA_KERNEL"):
-        run("cuda", *make_inputs(5, 40, 30, 4, torch.bfloat16))
+        run("cuda", *make_inputs(5, 40, 32, 4, torch.bfloat16))
+    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", "pipelined")
+    monkeypatch.setenv("LORA_KERNELS_CUDA_BK", "48")
+    with pytest.raises(ValueError, match="LORA_KERNELS_CUDA_BK"):
+        run("cuda", *make_inputs(5, 40, 32, 4, torch.bfloat16))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_deterministic_bit_reproducible(monkeypatch, policy):
-    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    set_policy(monkeypatch, policy)
     inputs = make_inputs(300, 520, 392, 16, torch.bfloat16, adapter_dtype=torch.float32)
     first = run("cuda", *inputs, p=0.1, deterministic=True)
     check_path(expect_path(policy, 16, torch.bfloat16))
@@ -346,7 +355,7 @@ def test_policy_deterministic_bit_reproducible(monkeypatch, policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_launch_counts(monkeypatch, policy):
     """The pipelined kernels keep the launch budget: forward one kernel, backward one (atomics)."""
-    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    set_policy(monkeypatch, policy)
     x, w, b, a, bb = make_inputs(0, 264, 200, 8, torch.bfloat16, lead=(3, 50))
     x.requires_grad_(True), a.requires_grad_(True), bb.requires_grad_(True)
     g = torch.randn(3, 50, 200, device=DEV, dtype=torch.bfloat16)
@@ -356,16 +365,16 @@ def test_policy_launch_counts(monkeypatch, policy):
         box["y"] = lora_linear(x, w, b, a, bb, 2.0, 0.1, seed=3, backend="cuda")
 
     fwd_names = cuda_kernels(fwd)
-    want_name = "pipe" if policy == "pipelined" else "lora_fwd_kernel"
+    want_name = "pipe" if policy.startswith("pipelined") else "lora_fwd_kernel"
     assert len(fwd_names) == 1 and want_name in fwd_names[0], fwd_names
     bwd_names = cuda_kernels(lambda: box["y"].backward(g))
-    assert len(bwd_names) == 1 and ("pipe" in bwd_names[0]) == (policy == "pipelined"), bwd_names
+    assert len(bwd_names) == 1 and ("pipe" in bwd_names[0]) == policy.startswith("pipelined"), bwd_names
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_realistic_shape(monkeypatch, policy):
     """M=2048 tokens, K=N=4096, r=16, bf16 activations with fp32 adapters, dropout: the benchmark's shape family."""
-    monkeypatch.setenv("LORA_KERNELS_CUDA_KERNEL", policy)
+    set_policy(monkeypatch, policy)
     inputs = make_inputs(2048, 4096, 4096, 16, torch.bfloat16, adapter_dtype=torch.float32, bias=False)
     check_against_oracle(*inputs, p=0.05)
     check_path(expect_path(policy, 16, torch.bfloat16))
