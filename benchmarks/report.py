@@ -1,7 +1,7 @@
 """Benchmark CSV -> markdown tables (ratios vs base and vs PEFT) and PNG plots (time vs M per provider).
 
     python -m benchmarks.report benchmarks/results/cpu.csv --md benchmarks/results/cpu_table.md \\
-        --plot benchmarks/results/cpu_fwdbwd.png            # latest run of the file (--all-runs for every run)
+        --plot benchmarks/results/cpu_fwdbwd.png            # latest run of the file (--run ID, --all-runs)
 
 Rows are the CSV's, as strings. Tables pivot one mode at a time: a row per case (M, K->N, r, dtype, dropout), a
 column per provider, each cell ``median ms (x base / x PEFT)``; memory in MiB; a TFLOP/s table for fwd+bwd; and the
@@ -31,9 +31,15 @@ PROVIDER_ORDER = [
 MODE_ORDER = ["fwd", "bwd", "fwd+bwd", "memory"]
 
 
-def read_csv(path: Path, all_runs: bool = False) -> list[dict]:
+def read_csv(path: Path, all_runs: bool = False, run: str | None = None) -> list[dict]:
+    """The rows of the latest run in the file (or of ``run``, a run_id prefix; or every run)."""
     with Path(path).open(newline="") as f:
         rows = list(csv.DictReader(f))
+    if run:
+        picked = [r for r in rows if r["run_id"].startswith(run)]
+        if not picked:
+            raise SystemExit(f"{path}: no run_id starts with {run!r}")
+        return picked
     if not all_runs and rows:
         latest = rows[-1]["run_id"]
         rows = [r for r in rows if r["run_id"] == latest]
@@ -214,8 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, help="write the PNG here")
     ap.add_argument("--mode", default="fwd+bwd", help="mode plotted (default fwd+bwd)")
     ap.add_argument("--all-runs", action="store_true", help="every run in the file, not only the latest")
+    ap.add_argument("--run", help="one run: its run_id (or a prefix of it)")
     a = ap.parse_args(argv)
-    rows = read_csv(a.csv, a.all_runs)
+    rows = read_csv(a.csv, a.all_runs, a.run)
     text = markdown(rows)
     if a.md:
         a.md.parent.mkdir(parents=True, exist_ok=True)

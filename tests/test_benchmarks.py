@@ -130,6 +130,9 @@ def test_report_cli_from_csv(tmp_path, full_run):
     assert "| 3 | 8->8 |" in latest and "24->40" not in latest  # only the latest run by default
     assert report.main([str(csv_path), "--md", str(md), "--all-runs"]) == 0
     assert "24->40" in md.read_text()
+    first = report.read_csv(csv_path, all_runs=True)[0]["run_id"]
+    assert report.main([str(csv_path), "--md", str(md), "--run", first[:18]]) == 0
+    assert "24->40" in md.read_text() and "| 3 | 8->8 |" not in md.read_text()
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
