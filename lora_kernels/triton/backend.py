@@ -31,9 +31,8 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[b
 
 
 def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
-    from .ops import lora_fwd
+    from .ops import lora_apply
 
-    y, _ = lora_fwd(
+    return lora_apply(
         x, weight, bias, lora_A, lora_B, lora_R, opts.scale, opts.dropout_p, opts.seed, opts.offset, opts.deterministic
     )
-    return y

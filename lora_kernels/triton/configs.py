@@ -1,31 +1,45 @@
-"""Tile configurations, keyed on (M bucket, N, K, r, dtype) and the GPU generation.
+"""Tile configurations, keyed on (M bucket, N, K, r, dtype, operand alignment) and the GPU generation.
 
 Every entry is ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)``. The launcher asks
 :func:`choose` for one config per kernel and key:
 
 * under ``TRITON_INTERPRET=1`` there is exactly one config and nothing is benchmarked. Interpreter time grows
   with the number of programs, so its blocks are large (64 x 64 tiles, K step 64);
-* on a GPU the first candidate of the matching table row is the default (no benchmark: compiling 4 candidates
-  per kernel, dtype and shape costs one compile each: 4-15 s per variant for the ptxas step on this 2-core
-  CI machine (tests/test_triton_compile.py), unmeasured on the GPU host);
-* with ``LORA_KERNELS_TRITON_AUTOTUNE=1`` all candidates of the row are timed once per key with
-  ``triton.testing.do_bench`` (on scratch outputs, so atomics never touch real gradients) and the fastest is
-  cached for the process.
+* on a GPU the first entry of the matching table row is the default (no benchmark);
+* with ``LORA_KERNELS_TRITON_AUTOTUNE=1`` every candidate of :func:`search_space` is timed once per key with
+  ``triton.testing.do_bench`` (on scratch outputs, so atomics never touch real gradients), the fastest is
+  cached for the process and printed as a line that can be pasted into the table below.
+* :func:`override` forces a config (tests, the tuning script), also under the interpreter.
 
-The tables are starting points from the Triton matmul tutorial's Hopper/Ampere configs, restricted so that the
-extra fp32 accumulators fit in registers: the forward keeps ``[BM, R_PAD]`` next to ``[BM, BN]`` and the
-backward ``[BM, R_PAD]`` next to ``[BM, BK]``; for R_PAD > 64 that is another 50%+ of the accumulator, so
-BM drops to 64. Until tuned on the GPU (NOTES.md), they are not measured claims.
+The default rows are the Triton matmul tutorial's Hopper/Ampere starting points, restricted so the extra fp32
+accumulators fit in registers: the forward keeps ``[BM, R_PAD]`` next to ``[BM, BN]`` and the backward
+``[BM, R_PAD]`` next to ``[BM, BK]``; for R_PAD > 64 that is another 50%+ of the accumulator, so BM drops to 64.
+GPU run 1 (H200, benchmarks/results/h200_20261130_run1) measured them at ~400 TFLOP/s against cuBLAS's ~800 for
+the same GEMM: ``benchmarks/gpu_triton_tune.py`` times the search space and prints the winners to put first.
+
+Unaligned operands (a 16-bit tensor whose base or row stride is not a multiple of 16 bytes, e.g. K = 1111):
+Triton cannot use 16-byte cp.async for them, so the main loop is not software-pipelined (one stage, 36 KB of
+shared memory, checked with ptxas in tests/test_triton_compile.py) and the loads are element-wise. In GPU run 1
+the two failing cases (fp16 M777 K1111 N555 r3: wrong dX; bf16 [4, 333, 1000] -> 700: illegal address) both
+ran such unaligned operands through the 8-warp BM=128 tiles; the one unaligned 16-bit case that ran the 4-warp
+BM=64 tiles (bf16 M1000 K2000 N3000 r100) was correct, as was every aligned case. The interpreter runs the
+failing shapes with those exact tiles correctly and in bounds (tests/test_triton_kernels.py
+::test_sm90_tiles_on_tails_in_bounds), so the fault is in the compiled code for that combination, not in the
+kernels' index arithmetic; until the GPU confirms the cause (NOTES.md, "GPU run 1"), unaligned 16-bit operands
+use only 4-warp BM <= 64 tiles (:data:`_UNALIGNED`). They are slow anyway (no pipelining).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 Config = tuple[int, int, int, int, int, int]  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
 
 INTERPRET_CONFIG: Config = (64, 64, 64, 8, 4, 1)
+AUTOTUNE_ENV = "LORA_KERNELS_TRITON_AUTOTUNE"
 
 # forward tile = [BM, BN] of Y, K step BK; backward tile = [BM, BK] of dX, N step BN.
 _SM90 = {
@@ -45,6 +59,13 @@ _SM90 = {
     ],
 }
 _SM80 = {key: [(bm, bn, bk, g, w, min(s, 3)) for bm, bn, bk, g, w, s in rows] for key, rows in _SM90.items()}
+# 16-bit operands that are not 16-byte aligned: 4 warps, BM <= 64 only (module docstring: GPU run 1).
+_UNALIGNED = {
+    ("fwd", "small"): [(16, 64, 128, 8, 4, 2)],
+    ("fwd", "large"): [(64, 128, 64, 8, 4, 2), (64, 64, 64, 8, 4, 2)],
+    ("bwd", "small"): [(16, 64, 128, 8, 4, 2)],
+    ("bwd", "large"): [(64, 64, 128, 8, 4, 2), (64, 64, 64, 8, 4, 2)],
+}
 # fp32 activations use IEEE fp32 products (no tensor cores): smaller tiles, fewer stages. fp64 uses them too
 # (its tiles take twice the shared memory: 108 KB at 3 stages for the fwd (64, 64, 32) tile, checked by ptxas).
 _FP32 = {
@@ -54,9 +75,63 @@ _FP32 = {
     ("bwd", "large"): [(64, 32, 64, 8, 4, 3), (64, 64, 32, 8, 4, 3)],
 }
 
+# sm_90 shared memory per block: 227 KB; leave room for the epilogue's buffers (B/A tiles, layout conversions).
+_SMEM_BUDGET = 200 * 1024
+
+
+def _stage_bytes(kind: str, cfg: Config, r_pad: int, elt: int = 2, adapter_elt: int = 4) -> int:
+    bm, bn, bk = cfg[:3]
+    if kind == "fwd":  # x [BM, BK] + W [BK, BN] + A [BK, R_PAD] per stage
+        return (bm * bk + bk * bn) * elt + bk * r_pad * adapter_elt
+    return (bm * bn + bn * bk) * elt + bn * r_pad * adapter_elt  # g [BM, BN] + W [BN, BK] + B [BN, R_PAD]
+
+
+def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
+    """What autotuning times on sm_90 for 16-bit activations: BM 128/256 (16/32/64 for M <= 64), BN 128/256 (64
+    too in the backward, whose N step is BN), BK 64/128, 4/8 warps, 3/4/5 stages, GROUP_M 8, bounded by
+
+    * registers: the fp32 accumulator tile (BM x BN forward, BM x BK backward) over the CTA's threads must stay
+      <= 128 per thread (plus R_PAD columns for XA/GB), so 256-wide tiles need 8 warps and 256 x 256 is out;
+    * shared memory: stages x stage bytes <= 200 KB.
+
+    The defaults (``candidates``) come first so an autotuned run can only match or beat them. At most 16
+    per kind and size: each is one compile (~1-3 s) per key.
+    """
+    default = _SM90[(kind, size)]
+    if size == "small":
+        bms, bns, bks = (16, 32, 64), (64, 128), (128, 256)
+        warps, stages = (4,), (3, 4, 5)
+    else:
+        bms, bns, bks = (128, 256), ((128, 256) if kind == "fwd" else (64, 128)), (64, 128)
+        warps, stages = (4, 8), (3, 4, 5)
+    out: list[Config] = list(default)
+    for bm in bms:
+        for bn in bns:
+            for bk in bks:
+                acc = bm * (bn if kind == "fwd" else bk) + bm * r_pad
+                for w in warps:
+                    if acc / (32 * w) > 128 + 16:  # fp32 accumulator registers per thread
+                        continue
+                    for s in stages:
+                        cfg = (bm, bn, bk, 8, w, s)
+                        if cfg in out or s * _stage_bytes(kind, cfg, r_pad) > _SMEM_BUDGET:
+                            continue
+                        out.append(cfg)
+    # keep the defaults plus an even spread of the rest, at most 16
+    rest = out[len(default) :]
+    limit = 16 - len(default)
+    if len(rest) > limit:
+        step = len(rest) / limit
+        rest = [rest[int(i * step)] for i in range(limit)]
+    return list(default) + rest
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotuning() -> bool:
+    return os.environ.get(AUTOTUNE_ENV) == "1"
 
 
 def m_bucket(m: int) -> int:
@@ -67,10 +142,16 @@ def m_bucket(m: int) -> int:
     return b
 
 
-def candidates(kind: str, m: int, r_pad: int, dtype_name: str, capability: tuple[int, int]) -> list[Config]:
+def candidates(
+    kind: str, m: int, r_pad: int, dtype_name: str, capability: tuple[int, int], aligned: bool = True
+) -> list[Config]:
     size = "small" if m <= 64 else "large"
     if dtype_name in ("float32", "float64"):
         rows = _FP32[(kind, size)]
+    elif not aligned:
+        rows = _UNALIGNED[(kind, size)]
+    elif capability >= (9, 0) and autotuning():
+        rows = search_space(kind, size, r_pad)
     else:
         rows = (_SM90 if capability >= (9, 0) else _SM80)[(kind, size)]
     if r_pad > 64:
@@ -79,27 +160,59 @@ def candidates(kind: str, m: int, r_pad: int, dtype_name: str, capability: tuple
 
 
 _cache: dict[tuple, Config] = {}
+_override: dict[str, Config] = {}
+tuning_log: list[dict] = []  # one entry per tuned key: kind, key, best, times (ms) per candidate
 
 
-def choose(kind: str, key: tuple, cands: list[Config], bench: Callable[[Config], None] | None) -> Config:
-    """The config for ``kind`` at ``key`` (cached). ``bench(cfg)`` runs one launch on scratch outputs."""
+@contextlib.contextmanager
+def override(**cfgs: Config) -> Iterator[None]:
+    """``with override(fwd=cfg, bwd=cfg): ...`` forces tiles, also under the interpreter.
+
+    Keys are kernel kinds or their prefixes (``fwd`` covers the fused ``fwd0`` and the split ``fwd2``/``fwd1``).
+    The CPU tests use it to run the exact tiles a GPU table picks (block sizes and R_PAD decide the masks and
+    the pointer arithmetic; num_warps/num_stages do not exist in the interpreter).
+    """
+    saved = dict(_override)
+    _override.update(cfgs)
+    try:
+        yield
+    finally:
+        _override.clear()
+        _override.update(saved)
+
+
+def choose(kind: str, key: tuple, cands: Callable[[], list[Config]], bench: Callable[[Config], None] | None) -> Config:
+    """The config for ``kind`` at ``key`` (cached). ``cands()`` lists the candidates (called on a cache miss
+    only); ``bench(cfg)`` runs one launch on scratch outputs."""
+    if _override:
+        for k in (kind, kind[:3]):
+            if k in _override:
+                return _override[k]
     if interpreting():
         return INTERPRET_CONFIG
     full_key = (kind, *key)
-    if full_key in _cache:
-        return _cache[full_key]
-    best = cands[0]
-    if bench is not None and len(cands) > 1 and os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE") == "1":
+    cfg = _cache.get(full_key)
+    if cfg is not None:
+        return cfg
+    rows = cands()
+    best = rows[0]
+    if bench is not None and len(rows) > 1 and autotuning():
         import triton
         from triton.testing import do_bench
 
         times = {}
-        for cfg in cands:
+        for c in rows:
             try:
-                times[cfg] = do_bench(lambda cfg=cfg: bench(cfg), warmup=5, rep=20)
+                times[c] = do_bench(lambda c=c: bench(c), warmup=5, rep=20)
             except triton.runtime.errors.OutOfResources:
                 continue  # this tile does not fit this GPU's shared memory / registers: not a candidate here
         if times:
             best = min(times, key=times.get)
+            tuning_log.append({"kind": kind, "key": key, "best": best, "times": times})
+            print(
+                f"lora_kernels.triton autotune: {kind} key={key} best={best} {times[best]:.4f} ms "
+                f"(default {rows[0]} {times.get(rows[0], float('nan')):.4f} ms, {len(times)}/{len(rows)} ran)",
+                file=sys.stderr,
+            )
     _cache[full_key] = best
     return best

@@ -22,15 +22,22 @@ from ._rng import dropout_args
 from .backward import lora_bwd_kernel, sum_partials_kernel
 from .forward import lora_fwd_kernel
 
-PLANS = ("fused", "split")
+PLANS = ("auto", "fused", "split")
 PLAN_ENV = "LORA_KERNELS_TRITON_FWD_PLAN"
 _plan: str | None = None
 MAX_RANK = 256
+# "auto": the split plan when dropout is on and M > 64, else the fused plan. The fused forward regenerates the
+# dropout hash (~12 integer ops per element) once per N-tile column, N/BN = 32 times per element at N=4096,
+# BN=128: GPU run 1 (H200, M=8192, 4096->4096, r=16 bf16) measured fused 2.465 ms vs split 0.631 ms with
+# p=0.1 (base F.linear 0.406 ms), and 0.648 vs 0.564 ms at p=0. For M <= 64 the extra hash work is
+# M*K*N/BN*12 ~ 25 M integer ops (microseconds) and one launch beats two, so auto stays fused there.
+AUTO_SPLIT_MIN_M = 65
 
 
 # ---------------------------------------------------------------------------------------------- forward plan
 def set_forward_plan(plan: str | None) -> None:
-    """``"fused"`` (one launch, default) or ``"split"`` (XA launch + GEMM launch); ``None`` = env / default."""
+    """``"auto"`` (default), ``"fused"`` (one launch) or ``"split"`` (XA launch + GEMM launch); ``None`` = env /
+    default."""
     global _plan
     if plan is not None and plan not in PLANS:
         raise ValueError(f"forward plan must be one of {PLANS}, got {plan!r}")
@@ -40,10 +47,17 @@ def set_forward_plan(plan: str | None) -> None:
 def get_forward_plan() -> str:
     if _plan is not None:
         return _plan
-    env = os.environ.get(PLAN_ENV, "fused")
+    env = os.environ.get(PLAN_ENV, "auto")
     if env not in PLANS:
         raise ValueError(f"environment variable {PLAN_ENV} must be one of {PLANS}, got {env!r}")
     return env
+
+
+def resolve_plan(plan: str, m: int, dropout_p: float) -> str:
+    """The concrete plan (``fused``/``split``) for one call."""
+    if plan == "auto":
+        return "split" if dropout_p > 0 and m >= AUTO_SPLIT_MIN_M else "fused"
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------- launch count
@@ -79,6 +93,11 @@ def _launch(kernel, grid, *args, count: bool = True, **meta) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: that is a @triton.jit function, and calling one from Python costs ~7 us (JITFunction.__call__)
+    return -(-a // b)
+
+
 def r_pad(r: int) -> int:
     """Rank padded for tl.dot: next power of two, at least 16."""
     return max(16, triton.next_power_of_2(r))
@@ -91,8 +110,11 @@ def rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     (e.g. ``x.transpose(0, 1)`` of a ``[B, T, K]`` tensor). More than two groups (rare: 4-D permuted inputs)
     falls back to ``reshape``, which copies.
     """
+    shape, strides = t.shape, t.stride()
+    if len(shape) == 2:  # the common case, without the loop below (host time: NOTES.md)
+        return (t, shape[0], 0, strides[0], strides[1]) if shape[0] != 1 else (t, 1, 0, 0, strides[1])
     groups: list[list[int]] = []  # [size, stride], outermost first
-    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+    for size, stride in zip(shape[:-1], strides[:-1]):
         if size == 1:
             continue
         if groups and groups[-1][1] == stride * size:
@@ -102,7 +124,7 @@ def rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     if len(groups) > 2:
         t = t.reshape(-1, t.shape[-1])
         return rows_view(t)
-    last = t.stride(-1)
+    last = strides[-1]
     if not groups:
         return t, 1, 0, 0, last
     if len(groups) == 1:
@@ -121,11 +143,24 @@ def grad_layout(r: int, k: int, n: int, need_da: bool, need_db: bool, need_dbias
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Switch the current CUDA device only when ``t`` is on another one (entering torch.cuda.device costs
+    host time on every call even when it changes nothing)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+_capabilities: dict[int, tuple[int, int]] = {}
 
 
 def _capability(t: torch.Tensor) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+    if not t.is_cuda:
+        return (0, 0)
+    idx = t.device.index
+    cap = _capabilities.get(idx)
+    if cap is None:
+        cap = _capabilities[idx] = torch.cuda.get_device_capability(t.device)
+    return cap
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,50 +168,92 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def _aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every 16-bit operand has a 16-byte aligned base and 16-byte multiple strides (unit strides aside):
+    the condition for Triton's 16-byte vector loads / cp.async, i.e. a pipelined main loop (configs.py docstring:
+    the unaligned case runs on 4-warp tiles only). fp32/fp64 operands use the IEEE tables either way."""
+    for t in tensors:
+        if t is None or t.element_size() != 2:
+            continue
+        if t.data_ptr() % 16:
+            return False
+        for st, size in zip(t.stride(), t.shape):
+            if st != 1 and size != 1 and (st * 2) % 16:
+                return False
+    return True
+
+
+_dropout_cache: dict[tuple[int, float], tuple[int, int, int, float]] = {}
+
+
 def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
-    return dropout_args(seed, p) if p > 0 else (0, 0, 0, 1.0)
+    if p <= 0:
+        return (0, 0, 0, 1.0)
+    args = _dropout_cache.get((seed, p))
+    if args is None:
+        if len(_dropout_cache) > 4096:  # a new seed per step: keep the cache bounded
+            _dropout_cache.clear()
+        args = _dropout_cache[(seed, p)] = dropout_args(seed, p)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- forward
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan=None):
     """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` in ``acc_dtype`` (fp32; fp64 for fp64 x).
-    One launch (fused plan), two (split)."""
+    One launch (fused plan), two (split; the default with dropout and M > 64: see ``AUTO_SPLIT_MIN_M``)."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    m = math.prod(x.shape[:-1])
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    xa = torch.empty((m, r), dtype=acc_dtype(x.dtype), device=x.device)
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    dtype = x.dtype
+    y = torch.empty((*lead, n), dtype=dtype, device=x.device)
+    xa = torch.empty((m, r), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=x.device)
     if m == 0 or n == 0:
         if m and n == 0:
             xa.zero_()  # no kernel runs; XA is still defined (only dA/dB of an N=0 layer would read it)
         return y, xa
-    plan = plan or get_forward_plan()
+    plan = resolve_plan(plan or get_forward_plan(), m, dropout_p)
     xs, seq, sxb, sxm, sxk = rows_view(x)
     rp = r_pad(r)
     rm = lora_R if lora_R is not None else lora_A  # any valid pointer when HAS_R is off
     key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
     interpret = configs.interpreting()
+    has_dropout = dropout_p > 0
+    aligned = _aligned(x, weight, lora_A, lora_B)
+    args = (
+        xs, weight, bias if bias is not None else weight, lora_A, lora_B, rm, y, xa,
+        m, n, k, r, seq,
+        sxb, sxm, sxk, weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), rm.stride(0), rm.stride(1), n, 1,
+        float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
+    )  # fmt: skip
 
     def run(cfg, xa_mode, count=True):
         bm, bn, bk, group_m, num_warps, num_stages = cfg
-        grid = (triton.cdiv(m, bm) if xa_mode == 2 else triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        grid = (_cdiv(m, bm) if xa_mode == 2 else _cdiv(m, bm) * _cdiv(n, bn),)
         _launch(
-            lora_fwd_kernel, grid,
-            xs, weight, bias if bias is not None else weight, lora_A, lora_B, rm, y, xa,
-            m, n, k, r, seq,
-            sxb, sxm, sxk, weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), rm.stride(0), rm.stride(1), n, 1,
-            float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
-            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, HAS_R=lora_R is not None, XA_MODE=xa_mode, R_PAD=rp,
-            IEEE=x.dtype == torch.float32, INTERPRET=interpret,
+            lora_fwd_kernel, grid, *args,
+            # XA_MODE 1 reads XA (dropout already applied): HAS_DROPOUT off there shares one compiled variant
+            HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout and xa_mode != 1, HAS_R=lora_R is not None,
+            XA_MODE=xa_mode, R_PAD=rp, IEEE=dtype == torch.float32, INTERPRET=interpret,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
             count=count,
         )  # fmt: skip
 
-    cands = configs.candidates("fwd", m, rp, str(x.dtype).split(".")[-1], _capability(x))
-    key = (configs.m_bucket(m), n, k, rp, x.dtype, bias is not None, dropout_p > 0, lora_R is not None)
+    def cands():
+        return configs.candidates("fwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned)
+
+    key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, bias is not None, has_dropout, lora_R is not None,
+           aligned, x.device.index)  # fmt: skip
     with _device_guard(x):
-        modes = (0,) if plan == "fused" else (2, 1)
-        for mode in modes:
+        for mode in (0,) if plan == "fused" else (2, 1):
             cfg = configs.choose(f"fwd{mode}", key, cands, lambda c, mode=mode: run(c, mode, count=False))
             run(cfg, mode)
     return y, xa
@@ -193,50 +270,57 @@ def lora_backward(
     m = math.prod(x.shape[:-1])
     need_dr = need_dr and lora_R is not None
     off_da, off_db, off_dbias, off_dr, length = grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)
-    acc = acc_dtype(x.dtype)
-    dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
+    dtype = x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dx = torch.empty(x.shape if need_dx else (0,), dtype=dtype, device=x.device)
     if m == 0 or not (need_dx or length):
         return dx, torch.zeros(length, dtype=acc, device=x.device)
     if n == 0:  # G is empty: dX = 0 and every adapter/bias gradient is an empty sum
         return dx.zero_(), torch.zeros(length, dtype=acc, device=x.device)
     gs, seq_g, sgb, sgm, sgn = rows_view(g)
     xs, seq_x, sxb, sxm, sxk = rows_view(x)
-    dx2 = dx.view(m, k) if need_dx else dx
+    dx2 = dx.view(m, k) if need_dx else gs
     rp = r_pad(r)
     rm = lora_R if lora_R is not None else lora_A  # any valid pointer when HAS_R is off
     key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
     interpret = configs.interpreting()
+    aligned = _aligned(g, x, weight, lora_A, lora_B)
+    meta = dict(
+        NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias, NEED_DR=need_dr,
+        HAS_R=lora_R is not None, HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
+        IEEE=dtype == torch.float32, INTERPRET=interpret,
+    )  # fmt: skip
 
     def run(cfg, flat, stride_part, count=True):
         bm, bn, bk, group_m, num_warps, num_stages = cfg
 
         def seg(off):  # pointer into the gradient buffer, or any valid pointer for an unused one
-            return flat[off:] if off >= 0 else gs
+            return flat[off:] if off > 0 else (flat if off == 0 else gs)
 
-        grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
+        grid = (_cdiv(m, bm) * _cdiv(k, bk),)
         _launch(
             lora_bwd_kernel, grid,
-            gs, xs, weight, lora_A, lora_B, rm, xa, dx2 if need_dx else gs,
+            gs, xs, weight, lora_A, lora_B, rm, xa, dx2,
             seg(off_da), seg(off_db), seg(off_dbias), seg(off_dr),
             m, n, k, r, seq_g, seq_x,
             sgb, sgm, sgn, sxb, sxm, sxk, weight.stride(0), weight.stride(1),
             lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), rm.stride(0), rm.stride(1),
             k, 1, stride_part,
             float(scale), int(offset), key_lo, key_hi, thr, drop_scale,
-            NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias, NEED_DR=need_dr,
-            HAS_R=lora_R is not None, HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
-            IEEE=x.dtype == torch.float32, INTERPRET=interpret,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
-            count=count,
+            count=count, **meta,
         )  # fmt: skip
 
-    cands = configs.candidates("bwd", m, rp, str(x.dtype).split(".")[-1], _capability(x))
-    key = (configs.m_bucket(m), n, k, rp, x.dtype, need_dx, need_da, need_db, need_dbias, need_dr, deterministic)
+    def cands():
+        return configs.candidates("bwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned)
+
+    key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, need_dx, need_da, need_db, need_dbias, need_dr,
+           deterministic, dropout_p > 0, aligned, x.device.index)  # fmt: skip
     with _device_guard(x):
         # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums
         bench = lambda c: run(c, torch.zeros(length, dtype=acc, device=x.device), 0, count=False)
         cfg = configs.choose("bwd", key, cands, bench)
-        tiles_m = triton.cdiv(m, cfg[0])
+        tiles_m = _cdiv(m, cfg[0])
         if not deterministic or tiles_m == 1 or length == 0:
             # atomics into a zeroed buffer (deterministic with one row-tile: its stores are the full sums)
             flat = torch.zeros(length, dtype=acc, device=x.device)
@@ -246,5 +330,5 @@ def lora_backward(
         run(cfg, part[0], length)
         flat = torch.empty(length, dtype=acc, device=x.device)
         block = 4096 if interpret else 1024
-        _launch(sum_partials_kernel, (triton.cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
+        _launch(sum_partials_kernel, (_cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
     return dx, flat

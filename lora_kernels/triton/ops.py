@@ -10,6 +10,11 @@ and casts to each parameter's dtype (a no-op for fp32 adapters). A trainable bas
 
 The forward plan (fused/split) is read at call time from lora_kernels.triton.get_forward_plan(); it changes
 the number of launches, not the result's meaning (the two plans round XA identically).
+
+Eager calls skip the custom-op layer: :func:`lora_apply` runs :class:`LoRAFunction` (a plain
+``autograd.Function`` with the same forward/backward formulas) unless ``torch.compile`` is tracing. The
+custom op's Python dispatch (schema checks, autograd wrapper, redispatch) cost ~45 us per forward on this
+CPU (NOTES.md, "Host overhead") while a decode-size GPU forward is ~20 us of device time.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def _setup_context(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _backward(ctx, grad_y, grad_xa):
+def _backward(ctx, grad_y, grad_xa, bwd=None):
     x, weight, lora_A, lora_B, lora_R, xa = ctx.saved_tensors
     need_dx, need_dw, need_dbias, need_da, need_db, need_dr = ctx.needs_input_grad[:6]
     need_dbias = need_dbias and ctx.bias_dtype is not None
@@ -116,7 +121,7 @@ def _backward(ctx, grad_y, grad_xa):
     r, k, n = lora_A.shape[0], x.shape[-1], weight.shape[0]
     if grad_y is None:
         grad_y = x.new_zeros((*x.shape[:-1], n))
-    dx, flat = lora_bwd(
+    dx, flat = (bwd or lora_bwd)(
         grad_y, x, weight, lora_A, lora_B, lora_R, xa, *ctx.scalars,
         need_dx, need_da, need_db, need_dbias, need_dr, ctx.deterministic,
     )  # fmt: skip
@@ -132,3 +137,26 @@ def _backward(ctx, grad_y, grad_xa):
 
 
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LoRAFunction(torch.autograd.Function):
+    """The eager path: the launchers called directly, with the custom op's autograd formula (``_backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic):
+        y, xa = launch.lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset)
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic),
+                       (y, xa))  # fmt: skip
+        ctx.mark_non_differentiable(xa)
+        return y, xa
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa):
+        return _backward(ctx, grad_y, grad_xa, bwd=launch.lora_backward)
+
+
+def lora_apply(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic) -> Tensor:
+    """``y``: through the custom op while torch.compile traces, else through :class:`LoRAFunction`."""
+    if torch.compiler.is_compiling():
+        return lora_fwd(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic)[0]
+    return LoRAFunction.apply(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic)[0]
