@@ -18,7 +18,8 @@
 #
 # Options: --steps info,build,tests,sanitize,bench (a subset, in this order)   --cpu-dry-run
 # Environment: OUT (default: a new temp dir), PYTHON (default python3, or the first python that imports torch),
-#   DC_BUDGET_S (total seconds, default 450), DC_BUILD_S / DC_TESTS_S / DC_SANITIZE_S / DC_BENCH_S (per-step caps),
+#   DC_BUDGET_S (total seconds, default 450; dry run 900), DC_BUILD_S (default 180; dry run 480) / DC_TESTS_S /
+#   DC_SANITIZE_S / DC_BENCH_S (per-step caps),
 #   DC_TEST_TIMEOUT (per test, default 90), BENCH_GIT_COMMIT (commit recorded in the CSV when .git is absent),
 #   DC_BENCH_ARGS (extra bench_lora arguments, word-split, e.g. "--providers base,torch,triton").
 set -u -o pipefail
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --cpu-dry-run) DRY=1 ;;
     --steps) STEPS="$2"; shift ;;
     --steps=*) STEPS="${1#--steps=}" ;;
-    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -57,7 +58,8 @@ pick_python() {
 
 FAILS=()
 WARNS=()
-BUDGET=${DC_BUDGET_S:-450}
+# The lease budget; a CPU dry run is not lease-bound and compiles on slow shared cores: more time, same flow.
+if [ "$DRY" = 1 ]; then BUDGET=${DC_BUDGET_S:-900}; BUILD_CAP=${DC_BUILD_S:-480}; else BUDGET=${DC_BUDGET_S:-450}; BUILD_CAP=${DC_BUILD_S:-180}; fi
 
 ts() { date -u +%H:%M:%S; }
 log() { echo "[$(ts) +${SECONDS}s] $*"; }
@@ -140,7 +142,12 @@ EOF
 
   if want build; then
     local to
-    to=$(step_timeout "${DC_BUILD_S:-180}" 200)
+    to=$(step_timeout "$BUILD_CAP" 200)
+    if [ "$DRY" = 0 ] && compgen -G "lora_kernels/_C*.so" >/dev/null; then
+      # A warm machine keeps ignored build outputs: never test a stale extension if this build fails.
+      log "build: removing stale $(echo lora_kernels/_C*.so)"
+      rm -f lora_kernels/_C*.so
+    fi
     if [ -f csrc/build_inplace.sh ]; then
       run_step build "$to" "$OUT/build.log" env LORA_KERNELS_CUDA_ARCHS="${LORA_KERNELS_CUDA_ARCHS:-90}" bash csrc/build_inplace.sh
     elif compgen -G "csrc/*.cu" >/dev/null || [ -f csrc/CMakeLists.txt ]; then
