@@ -534,17 +534,19 @@ def test_sm90_tiles_on_tails_in_bounds(dtype, adapter_dtype, layout, r):
 
 
 def test_unaligned_operands_use_four_warp_tiles():
-    """GPU run 1's two failures both ran 16-bit operands with non-16-byte row strides (K=1111, N=555; N=700)
-    through 8-warp BM=128 tiles; such operands now get 4-warp BM <= 64 tiles (configs.py docstring)."""
+    """GPU run 1's two failures both ran operands whose strides Triton could not mark divisible by 16 (K=1111,
+    N=555; N=700) through 8-warp BM=128 tiles; such launches now get 4-warp BM <= 64 tiles (configs.py)."""
     from lora_kernels.triton import configs
 
-    f16 = torch.float16
-    assert not lk_launch._aligned(torch.empty(777, 1111, dtype=f16))  # row stride 2222 bytes
-    assert not lk_launch._aligned(torch.empty(10, 700, dtype=f16))  # 1400 bytes: 8-byte aligned only
-    assert not lk_launch._aligned(torch.empty(555, 3, dtype=f16))  # lora_B with r=3
-    assert lk_launch._aligned(torch.empty(64, 4096, dtype=f16), torch.empty(4096, 16, dtype=f16))
-    assert lk_launch._aligned(torch.empty(555, 3, dtype=torch.float32))  # fp32 adapters: cast in-kernel
-    assert not lk_launch._aligned(torch.empty(64 * 64 + 1, dtype=f16)[1:].view(64, 64))  # base off by 2 bytes
+    f16, al = torch.float16, lk_launch._aligned
+    assert not al((), torch.empty(777, 1111, dtype=f16))  # row stride 1111
+    assert not al((), torch.empty(10, 700, dtype=f16))  # 700 = 16 * 43 + 12
+    assert not al((), torch.empty(1000, 3000, dtype=torch.bfloat16))  # 6000 bytes, but Triton marks elements
+    assert not al((), torch.empty(555, 3, dtype=torch.float32))  # lora_B with r=3
+    assert al((4096,), torch.empty(64, 4096, dtype=f16), torch.empty(4096, 16, dtype=torch.float32), None)
+    assert not al((555,), torch.empty(64, 4096, dtype=f16))  # Y / dX row stride
+    assert not al((), torch.empty(64 * 64 + 1, dtype=f16)[1:].view(64, 64))  # base off by 2 bytes
+    assert al((), torch.full((1,), 0.5).expand(3, 40))  # expanded G: stride 0
     for kind in ("fwd", "bwd"):
         for m in (16, 777):
             for dt in ("float16", "bfloat16"):
@@ -570,6 +572,38 @@ def test_search_space_bounded():
                 bm, bn, bk, _, w, st = cfg
                 assert bm * (bn if kind == "fwd" else bk) / (32 * w) <= 128 + 16 - bm * 16 / (32 * w) + 1e-9, cfg
                 assert st * configs._stage_bytes(kind, cfg, 16) <= configs._SMEM_BUDGET, cfg
+
+
+def test_autotune_picks_fastest_and_prints_winner(monkeypatch, capsys):
+    """configs.choose with LORA_KERNELS_TRITON_AUTOTUNE=1 (the GPU path, do_bench faked): times every candidate
+    once per key, skips tiles that do not fit (OutOfResources), caches and logs the winner, prints a line."""
+    import triton
+    import triton.testing
+
+    from lora_kernels.triton import configs
+
+    cands = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 4)]
+    cost = {cands[0]: 2.0, cands[1]: 1.0}
+    calls = []
+
+    def bench(cfg):
+        calls.append(cfg)
+        if cfg not in cost:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), cost[calls[-1]])[1])
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(configs, "_cache", {})
+    monkeypatch.setattr(configs, "tuning_log", [])
+    key = ("test-key",)
+    assert configs.choose("fwd0", key, lambda: cands, bench) == cands[1]
+    assert configs.choose("fwd0", key, lambda: pytest.fail("cached: no re-listing"), bench) == cands[1]
+    assert calls == cands  # each candidate timed once; the third did not fit
+    assert configs.tuning_log[0]["best"] == cands[1] and set(configs.tuning_log[0]["times"]) == set(cands[:2])
+    assert "best=(128, 256, 64, 8, 8, 3) 1.0000 ms" in capsys.readouterr().err
+    with configs.override(fwd=cands[2]):  # an override wins over the cache and the interpreter
+        assert configs.choose("fwd0", key, lambda: cands, bench) == cands[2]
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-import triton
 
 from . import configs
 from ._rng import dropout_args
@@ -99,8 +98,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def r_pad(r: int) -> int:
-    """Rank padded for tl.dot: next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(r))
+    """Rank padded for tl.dot: next power of two, at least 16 (not triton.next_power_of_2: also a jit function)."""
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
@@ -176,17 +175,21 @@ _DTYPE_NAMES = {
 }
 
 
-def _aligned(*tensors: torch.Tensor | None) -> bool:
-    """Whether every 16-bit operand has a 16-byte aligned base and 16-byte multiple strides (unit strides aside):
-    the condition for Triton's 16-byte vector loads / cp.async, i.e. a pipelined main loop (configs.py docstring:
-    the unaligned case runs on 4-warp tiles only). fp32/fp64 operands use the IEEE tables either way."""
+def _aligned(sizes: tuple[int, ...], *tensors: torch.Tensor | None) -> bool:
+    """Whether the launch gets Triton's alignment specialisation everywhere: every tensor's base 16-byte aligned
+    and every non-unit stride (and each size in ``sizes``, which are row strides of the outputs) a multiple of
+    16 *elements*, the rule Triton's JIT uses to mark integer arguments (``tt.divisibility = 16``). Without it the
+    loads are element-wise and the main loop is not pipelined (configs.py docstring: such launches run on 4-warp
+    tiles only). E.g. a bf16 row stride of 3000 elements is 16-byte aligned in bytes but not marked so."""
+    if any(v % 16 for v in sizes):
+        return False
     for t in tensors:
-        if t is None or t.element_size() != 2:
+        if t is None:
             continue
         if t.data_ptr() % 16:
             return False
         for st, size in zip(t.stride(), t.shape):
-            if st != 1 and size != 1 and (st * 2) % 16:
+            if st != 1 and size != 1 and st % 16:
                 return False
     return True
 
@@ -226,7 +229,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
     key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
     interpret = configs.interpreting()
     has_dropout = dropout_p > 0
-    aligned = _aligned(x, weight, lora_A, lora_B)
+    aligned = _aligned((n,), x, weight, lora_A, lora_B, lora_R)  # n: Y's row stride
     args = (
         xs, weight, bias if bias is not None else weight, lora_A, lora_B, rm, y, xa,
         m, n, k, r, seq,
@@ -247,14 +250,17 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
             count=count,
         )  # fmt: skip
 
-    def cands():
-        return configs.candidates("fwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned)
+    def cands(mode):
+        rows = configs.candidates("fwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned)
+        return configs.xa_only(rows) if mode == 2 else rows
 
     key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, bias is not None, has_dropout, lora_R is not None,
            aligned, x.device.index)  # fmt: skip
     with _device_guard(x):
         for mode in (0,) if plan == "fused" else (2, 1):
-            cfg = configs.choose(f"fwd{mode}", key, cands, lambda c, mode=mode: run(c, mode, count=False))
+            cfg = configs.choose(
+                f"fwd{mode}", key, lambda mode=mode: cands(mode), lambda c, mode=mode: run(c, mode, count=False)
+            )
             run(cfg, mode)
     return y, xa
 
@@ -284,7 +290,7 @@ def lora_backward(
     rm = lora_R if lora_R is not None else lora_A  # any valid pointer when HAS_R is off
     key_lo, key_hi, thr, drop_scale = _dropout(dropout_p, seed)
     interpret = configs.interpreting()
-    aligned = _aligned(g, x, weight, lora_A, lora_B)
+    aligned = _aligned((k,), g, x, weight, lora_A, lora_B, lora_R)  # k: dX's row stride
     meta = dict(
         NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias, NEED_DR=need_dr,
         HAS_R=lora_R is not None, HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
