@@ -254,14 +254,21 @@ def test_dropout_p0_is_no_dropout():
 
 # ------------------------------------------------------------------ launches, plans, determinism
 @needs_runnable
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize(
-    "p,plan,fwd_launches",
-    [(0.0, "auto", 1), (0.1, "fused", 1), (0.1, "auto", 2)],  # auto = split with dropout at M > 64 (launch.py)
-    ids=["p0-auto", "p0.1-fused", "p0.1-auto-split"],
+    "m,p,plan,deterministic,fwd_launches,bwd_launches",
+    # auto = fused for M <= 64 (decode: one launch), split for M > 64 (launch.AUTO_SPLIT_MIN_M); deterministic:
+    # the kernel's per-row-tile partials + their fixed-order sum (129 rows: more than one row-tile)
+    [
+        (129, 0.1, "fused", False, 1, 1),
+        (129, 0.1, "fused", True, 1, 2),
+        (129, 0.0, "split", False, 2, 1),
+        (129, 0.1, "auto", True, 2, 2),
+        (64, 0.1, "auto", False, 1, 1),
+    ],
+    ids=["M129-fused", "M129-fused-det", "M129-split", "M129-auto-det", "M64-auto"],
 )
-def test_launch_count(deterministic, p, plan, fwd_launches):
-    x, w, b, a, bb = make_inputs(129, 70, 50, 4, torch.bfloat16)  # 129 rows: more than one row-tile
+def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches):
+    x, w, b, a, bb = make_inputs(m, 70, 50, 4, torch.bfloat16)
     x.requires_grad_()
     a.requires_grad_()
     bb.requires_grad_()
@@ -274,10 +281,7 @@ def test_launch_count(deterministic, p, plan, fwd_launches):
     with lkt.launch_counter() as bwd:
         y.backward(torch.ones_like(y))
     assert fwd.count == fwd_launches, fwd.kernels
-    if deterministic:
-        assert bwd.count == 2, bwd.kernels  # the kernel's per-row-tile partials + their fixed-order sum
-    else:
-        assert bwd.count == 1, bwd.kernels
+    assert bwd.count == bwd_launches, bwd.kernels
 
 
 @needs_runnable
@@ -667,7 +671,7 @@ def test_gpu_launch_count_profiler(deterministic):
     fwd, fwd_all = ours(pf)
     bwd, bwd_all = ours(pb)
     print("forward device ops:", fwd_all, "\nbackward device ops:", bwd_all)
-    assert len(fwd) == 2, fwd_all  # p=0.1 at M=4096: the auto plan is split (XA launch + GEMM launch)
+    assert len(fwd) == 2, fwd_all  # M=4096: the auto plan is split (XA launch + GEMM launch)
     assert len(bwd) == (2 if deterministic else 1), bwd_all
 
 

@@ -215,15 +215,18 @@ def choose(kind: str, key: tuple, cands: Callable[[], list[Config]], bench: Call
     rows = cands()
     best = rows[0]
     if bench is not None and len(rows) > 1 and autotuning():
-        import triton
+        from triton.compiler.errors import CompileTimeAssertionFailure
+        from triton.runtime.errors import OutOfResources, PTXASError
         from triton.testing import do_bench
 
         times = {}
         for c in rows:
             try:
                 times[c] = do_bench(lambda c=c: bench(c), warmup=5, rep=20)
-            except triton.runtime.errors.OutOfResources:
-                continue  # this tile does not fit this GPU's shared memory / registers: not a candidate here
+            except (OutOfResources, CompileTimeAssertionFailure, PTXASError) as e:
+                # this tile does not fit this GPU (shared memory / registers) or ptxas rejects it: not a candidate
+                # here (the same three errors triton.autotune skips); said, not swallowed
+                print(f"lora_kernels.triton autotune: {kind} {c} skipped: {type(e).__name__}", file=sys.stderr)
         if times:
             best = min(times, key=times.get)
             tuning_log.append({"kind": kind, "key": key, "best": best, "times": times})

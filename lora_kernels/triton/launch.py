@@ -25,11 +25,14 @@ PLANS = ("auto", "fused", "split")
 PLAN_ENV = "LORA_KERNELS_TRITON_FWD_PLAN"
 _plan: str | None = None
 MAX_RANK = 256
-# "auto": the split plan when dropout is on and M > 64, else the fused plan. The fused forward regenerates the
-# dropout hash (~12 integer ops per element) once per N-tile column, N/BN = 32 times per element at N=4096,
-# BN=128: GPU run 1 (H200, M=8192, 4096->4096, r=16 bf16) measured fused 2.465 ms vs split 0.631 ms with
-# p=0.1 (base F.linear 0.406 ms), and 0.648 vs 0.564 ms at p=0. For M <= 64 the extra hash work is
-# M*K*N/BN*12 ~ 25 M integer ops (microseconds) and one launch beats two, so auto stays fused there.
+# "auto": the split plan for M > 64, the fused plan for M <= 64. GPU run 1 (H200, M=8192, 4096->4096, r=16, bf16
+# activations, fp32 adapters, default tiles, do_bench medians): p=0.1 fused 2.465 ms vs split 0.631 ms (base
+# F.linear 0.406 ms): the fused kernel regenerates the dropout hash (~12 integer ops per element) in every N-tile
+# column, N/BN = 32 times per element; p=0 fused 0.648 vs split 0.564 ms: the fused K-loop's extra [BM, R_PAD]
+# MMA (R_PAD/BN = 12.5% more MMA work) costs more than the split plan's second launch and second read of X
+# (64 MB, ~14 us at 4.8 TB/s). At M <= 64 (decode) the call is host-bound (M=16: fused 0.202 ms, split 0.256 ms,
+# GEMM 0.019 ms) and one launch beats two, so auto stays fused there. benchmarks/gpu_triton_tune.py prints fused
+# vs split with tuned tiles: move this threshold if they disagree.
 AUTO_SPLIT_MIN_M = 65
 
 
@@ -52,10 +55,10 @@ def get_forward_plan() -> str:
     return env
 
 
-def resolve_plan(plan: str, m: int, dropout_p: float) -> str:
-    """The concrete plan (``fused``/``split``) for one call."""
+def resolve_plan(plan: str, m: int, dropout_p: float = 0.0) -> str:
+    """The concrete plan (``fused``/``split``) for one call (``dropout_p`` is kept for a future rule)."""
     if plan == "auto":
-        return "split" if dropout_p > 0 and m >= AUTO_SPLIT_MIN_M else "fused"
+        return "split" if m >= AUTO_SPLIT_MIN_M else "fused"
     return plan
 
 
@@ -211,7 +214,7 @@ def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
 # ---------------------------------------------------------------------------------------------- forward
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan=None):
     """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` in ``acc_dtype`` (fp32; fp64 for fp64 x).
-    One launch (fused plan), two (split; the default with dropout and M > 64: see ``AUTO_SPLIT_MIN_M``)."""
+    One launch (fused plan, the default for M <= 64), two (split, the default for M > 64: ``AUTO_SPLIT_MIN_M``)."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     lead = x.shape[:-1]
     m = math.prod(lead)
