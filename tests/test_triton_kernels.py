@@ -635,6 +635,19 @@ def test_gpu_matches_oracle(dtype, m, k, n, r):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("plan", ["fused", "split"])
+def test_gpu_both_plans_with_dropout(plan):
+    """The auto plan runs split for M > 64 and fused below, so the GPU oracle matrix covers each plan at one side
+    only: here both at M > 64, aligned (the tiles a 4096-wide layer gets), bf16 with fp32 adapters."""
+    lkt.set_forward_plan(plan)
+    try:
+        check_against_oracle(*make_inputs(512, 1024, 768, 16, torch.bfloat16, adapter_dtype=torch.float32), p=0.1)
+    finally:
+        lkt.set_forward_plan(None)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_odd_layouts_and_adapters():
     x, w, b, a, bb = make_inputs(0, 1000, 700, 16, torch.bfloat16, adapter_dtype=torch.float32, lead=(4, 333))
     check_against_oracle(x.transpose(0, 1).contiguous().transpose(0, 1), w, b, a, bb, p=0.1)

@@ -13,8 +13,8 @@ the number of launches, not the result's meaning (the two plans round XA identic
 
 Eager calls skip the custom-op layer: :func:`lora_apply` runs :class:`LoRAFunction` (a plain
 ``autograd.Function`` with the same forward/backward formulas) unless ``torch.compile`` is tracing. The
-custom op's Python dispatch (schema checks, autograd wrapper, redispatch) cost ~45 us per forward on this
-CPU (NOTES.md, "Host overhead") while a decode-size GPU forward is ~20 us of device time.
+custom op's Python dispatch (schema checks, autograd wrapper, redispatch) cost ~50-100 us per forward on this
+CPU (NOTES.md, "Host overhead") while a decode-size GPU forward's GEMM is ~20 us of device time.
 """
 
 from __future__ import annotations
