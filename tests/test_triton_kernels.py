@@ -608,6 +608,11 @@ def test_autotune_picks_fastest_and_prints_winner(monkeypatch, capsys):
     assert "best=(128, 256, 64, 8, 8, 3) 1.0000 ms" in capsys.readouterr().err
     with configs.override(fwd=cands[2]):  # an override wins over the cache and the interpreter
         assert configs.choose("fwd0", key, lambda: cands, bench) == cands[2]
+    # a spent tuning budget (gpu_triton_tune.py's deadline) stops after the first (default) candidate
+    monkeypatch.setattr(configs, "tune_deadline", 0.0)
+    calls.clear()
+    assert configs.choose("fwd0", ("other-key",), lambda: cands, bench) == cands[0]
+    assert calls == cands[:1] and "tuning budget spent after 1/3" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- GPU
