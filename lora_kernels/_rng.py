@@ -69,24 +69,63 @@ def keep_threshold(p: float) -> int:
     return min(int(round(p * 2**32)), M32)
 
 
+# Rows of the mask hashed per chunk: 64K int64 counters (512 KiB) plus one scratch buffer stay in L2, and peak
+# memory stays O(chunk) instead of several M x K int64 temporaries (2 GiB at M=8192, K=4096 before chunking).
+_CHUNK_ELEMS = 1 << 16
+
+
+def _mix32_inplace(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``mix32`` in place on int64 values in [0, 2**32); ``tmp`` is scratch of the same shape.
+
+    ``x * C`` may exceed 2**63 and wrap in int64; the low 32 bits, which are all we keep, are exact either way
+    (two's-complement multiplication), and test_rng checks this against the pure-Python version.
+    """
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp)
+    x.mul_(_MIX_C1).bitwise_and_(M32)
+    torch.bitwise_right_shift(x, 15, out=tmp)
+    x.bitwise_xor_(tmp)
+    x.mul_(_MIX_C2).bitwise_and_(M32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    return x.bitwise_xor_(tmp)
+
+
 def dropout_keep_mask(seed: int, offset: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
     """Boolean ``[m, k]`` keep-mask for rows ``0..m`` of an ``[m, k]`` input; True = kept.
 
     ``offset`` is added to the flat element index ``row*k + col``; the kernels use the same convention.
     """
-    idx = torch.arange(m * k, dtype=torch.int64, device=device)
-    if offset:
-        idx += offset
+    out = torch.empty(m * k, dtype=torch.bool, device=device)
     key_lo, key_hi = launch_keys(seed)
-    h = mix32_tensor((idx & M32) ^ key_lo)
-    h = mix32_tensor(h ^ (idx >> 32) ^ key_hi)
-    return (h >= keep_threshold(p)).view(m, k)
+    thr = keep_threshold(p)
+    n = m * k
+    chunk = min(_CHUNK_ELEMS if out.device.type == "cpu" else 1 << 24, max(n, 1))
+    idx = torch.empty(chunk, dtype=torch.int64, device=out.device)
+    tmp = torch.empty_like(idx)
+    for start in range(0, n, chunk):
+        c = min(chunk, n - start)
+        h, t = idx[:c], tmp[:c]
+        torch.arange(offset + start, offset + start + c, dtype=torch.int64, device=out.device, out=h)
+        torch.bitwise_right_shift(h, 32, out=t)  # hi32(counter), kept for the second round
+        hi = t.clone() if c else t
+        h.bitwise_and_(M32).bitwise_xor_(key_lo)
+        _mix32_inplace(h, t)
+        h.bitwise_xor_(hi).bitwise_xor_(key_hi)
+        _mix32_inplace(h, t)
+        torch.ge(h, thr, out=out[start : start + c])
+    return out.view(m, k)
 
 
-def apply_dropout(x2d: torch.Tensor, seed: int, offset: int, p: float) -> torch.Tensor:
-    """``x2d * Z`` for a 2-D ``[M, K]`` tensor (a new tensor; ``x2d`` is not modified)."""
+def apply_dropout(
+    x2d: torch.Tensor, seed: int, offset: int, p: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x2d * Z`` for a 2-D ``[M, K]`` tensor (a new tensor; ``x2d`` is not modified).
+
+    ``keep`` may pass a mask already built by :func:`dropout_keep_mask` for the same (seed, offset, shape).
+    """
     m, k = x2d.shape
-    keep = dropout_keep_mask(seed, offset, m, k, p, device=x2d.device)
+    if keep is None:
+        keep = dropout_keep_mask(seed, offset, m, k, p, device=x2d.device)
     return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
 
 

@@ -318,3 +318,15 @@ def test_torch_compile_traces_through_lora_linear_fullgraph():
     x, w, b, a, bb = _inputs(m=4, k=8, n=6, r=2, dtype=torch.float32)
     fn = torch.compile(lambda x: lora_linear(x, w, b, a, bb, 1.0, backend="torch"), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), lora_linear(x, w, b, a, bb, 1.0, backend="torch"))
+
+
+def test_mask_int64_wrapping_multiply_matches_python_and_chunking_is_invisible(monkeypatch):
+    """The in-place hash relies on int64 multiplication wrapping; check it on random 32-bit values against pure
+    Python, and check that a tiny chunk size (many chunks, ragged last one) gives the same mask."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64)
+    got = _rng._mix32_inplace(xs.clone(), torch.empty_like(xs)).tolist()
+    assert got == [_rng.mix32_int(int(v)) for v in xs]
+    ref = _rng.dropout_keep_mask(2**40 + 7, 2**32 - 50, 9, 23, 0.3)
+    monkeypatch.setattr(_rng, "_CHUNK_ELEMS", 10)
+    assert torch.equal(_rng.dropout_keep_mask(2**40 + 7, 2**32 - 50, 9, 23, 0.3), ref)

@@ -95,10 +95,12 @@ class _TorchLoRALinear(torch.autograd.Function):
         if need_x or need_a or need_r:
             gb = _mm32(g, b_).to(dt)  # [M, r], fp32 accumulation, operand-rounded like an MMA input
             gbr = gb if r_ is None else _mm32(gb, r_).to(dt)
+        keep = None  # the forward's mask, regenerated once and shared by dX and dA
+        if opts.dropout_p > 0 and (need_x or need_a):
+            keep = dropout_keep_mask(opts.seed, opts.offset, x2.shape[0], x2.shape[1], opts.dropout_p, x2.device)
         if need_x:
             dx = g @ weight
-            if opts.dropout_p > 0:
-                keep = dropout_keep_mask(opts.seed, opts.offset, x2.shape[0], x2.shape[1], opts.dropout_p, x2.device)
+            if keep is not None:
                 t = gbr @ a
                 t.mul_(keep)
                 dx.add_(t, alpha=s / (1.0 - opts.dropout_p))
@@ -110,7 +112,8 @@ class _TorchLoRALinear(torch.autograd.Function):
         if need_b and bias is not None:
             db = g.sum(0).to(bias.dtype)
         if need_a:
-            da = _mm32(gbr.t(), _dropped(x2, opts)).mul_(s).to(lora_A.dtype)
+            xd = x2 if keep is None else apply_dropout(x2, opts.seed, opts.offset, opts.dropout_p, keep)
+            da = _mm32(gbr.t(), xd).mul_(s).to(lora_A.dtype)
         if need_bb:
             xr = xa if r_ is None else _mm32(xa, r_.t()).to(dt)
             dbb = _mm32(g.t(), xr).mul_(s).to(lora_B.dtype)
