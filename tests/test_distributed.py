@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,8 +185,6 @@ def test_single_process_helpers_are_identity():
 
 
 def test_bad_input_names_argument(monkeypatch):
-    import pytest
-
     from lora_kernels import distributed as D
 
     with pytest.raises(ValueError, match="global_batch"):
@@ -200,6 +201,134 @@ def test_bad_input_names_argument(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="backend"):
         D.init_distributed(backend="nccl", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the SFT loop under torchrun (lora_kernels.sft with --distributed ddp)
+
+WORDS = "apple river stone cloud seven orange violet copper maple harbor lantern falcon".split()
+
+
+@pytest.fixture(scope="module")
+def sft_inputs(tmp_path_factory):
+    from lora_kernels.sft.modeling import save_tiny_random
+
+    root = tmp_path_factory.mktemp("sft")
+    model = save_tiny_random(root / "model", seed=0, hidden=48, layers=2)
+    data = root / "echo.jsonl"
+    recs = [{"prompt": f"Repeat: {w} {v}", "completion": f"{w} {v}."} for w in WORDS for v in WORDS[:4]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return model, data
+
+
+def _sft_cmd(nproc, model, data, out, name, batch_size, *extra):
+    args = [
+        "--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--name", name,
+        "--max_len", "64", "--batch_size", str(batch_size), "--grad_accum", "2", "--max_steps", "6",
+        "--eval_size", "0", "--eval_every", "0", "--save_every", "2", "--keep_last", "3", "--lr", "1e-2",
+        "--warmup_steps", "1", "--lora_r", "4", "--no-progress", "--no-plot", "--max_new_tokens", "0",
+        "--num_threads", "1", "--chunked_ce", "--ce_chunk_size", "37", "--gradient_checkpointing", *extra,
+    ]  # fmt: skip
+    if nproc == 1:
+        return [sys.executable, "-m", "lora_kernels.sft", *args]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*run, "-m", "lora_kernels.sft", *args]
+
+
+def _sft_env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LORA_KERNELS_SFT_PAUSE_AT_STEP"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the torchrun agent and its workers, by pid (torchrun starts each worker in its own session, so
+    killing the agent's process group would orphan them)."""
+    import psutil
+
+    procs = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(timeout=30)
+
+
+def _train_losses(run_dir):
+    recs = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["type"] == "train"]
+
+
+def test_sft_two_processes_match_one_and_resume_after_kill(tmp_path, sft_inputs):
+    """2 ranks x batch 2 x accum 2 == 1 rank x batch 4 x accum 2 (same global batches); a 2-process run killed
+    (SIGKILL of the whole process group) after step 3 resumes from its step-2 checkpoint with 2 processes, and
+    also with 1 process (another world size, same global batch), and both finish with the same losses."""
+    model, data = sft_inputs
+    env = _sft_env()
+    one = subprocess.run(
+        _sft_cmd(1, model, data, tmp_path, "one", 4), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        _sft_cmd(2, model, data, tmp_path, "two", 2), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 6
+    # fp32; only the grouping of the sums differs (per-rank partial sums, the gradient all-reduce): the same
+    # bound as the SFT loop's own "accumulation == big batch" check
+    for a, b in zip(l2, l1):
+        assert a == pytest.approx(b, rel=1e-5)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["distributed"] == "ddp" and summary["world_size"] == 2
+    assert summary["memory"]["peak"] > 0 and summary["memory"]["optimizer_state"] > 0
+
+    # killed 2-process run: held after logging step 3 (its last checkpoint is step 2)
+    killed = subprocess.Popen(
+        _sft_cmd(2, model, data, tmp_path, "killed", 2),
+        env=_sft_env(LORA_KERNELS_SFT_PAUSE_AT_STEP="3"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if metrics.exists() and any(json.loads(ln).get("step") == 3 for ln in metrics.read_text().splitlines()):
+                break
+            assert killed.poll() is None, killed.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the 2-process run never reached step 3")
+    finally:
+        _kill_tree(killed)
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed1")
+    res2 = subprocess.run(
+        _sft_cmd(2, model, data, tmp_path, "killed", 2, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    assert "resumed from" in res2.stdout and "step-0000002" in res2.stdout
+    assert _train_losses(tmp_path / "killed") == l2  # bit-identical: same ranks, same order of every sum
+    res1 = subprocess.run(
+        _sft_cmd(1, model, data, tmp_path, "killed1", 4, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res1.returncode == 0, res1.stderr[-3000:]
+    resumed1 = _train_losses(tmp_path / "killed1")
+    assert resumed1[:2] == l2[:2]
+    for a, b in zip(resumed1, l1):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 if __name__ == "__main__":

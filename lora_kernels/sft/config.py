@@ -74,6 +74,12 @@ class SFTConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     num_threads: int | None = None  # torch CPU threads (None = torch's default)
+    # -- memory and multi-process (lora_kernels.memory / losses / distributed) ----------------------------------
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
+    chunked_ce: bool = False  # loss over the LM head in token chunks: the [tokens, vocab] logits never exist
+    ce_chunk_size: int | None = None  # tokens per chunk (None = about the size of the hidden states, >= 256)
+    base_dtype: str = "auto"  # frozen base weights: auto (bf16 for LoRA on GPU, else fp32) | fp32 | bf16
+    distributed: str = "auto"  # under torchrun: auto (= ddp when WORLD_SIZE > 1) | none | ddp | fsdp
     # -- evaluation, logging, checkpoints -----------------------------------------------------------------------
     eval_every: int = 20  # optimizer steps between evals (0 = only before and after training)
     eval_batch_size: int = 16
@@ -152,6 +158,14 @@ class SFTConfig:
             bad("sample_prompts", "must be a list of strings")
         if isinstance(self.target_modules, list) and not self.target_modules:
             bad("target_modules", "must not be an empty list")
+        if self.ce_chunk_size is not None and self.ce_chunk_size < 1:
+            bad("ce_chunk_size", "must be >= 1 or null")
+        if self.base_dtype not in ("auto", "fp32", "bf16"):
+            bad("base_dtype", "must be one of auto, fp32, bf16")
+        if self.base_dtype == "bf16" and self.method == "full":
+            bad("base_dtype", "bf16 applies to the frozen base of a LoRA run; method 'full' trains every weight")
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            bad("distributed", "must be one of auto, none, ddp, fsdp")
         return self
 
 
@@ -345,6 +359,7 @@ RESUME_INVARIANT = (
     "max_grad_norm",
     "seed",
     "precision",
+    "base_dtype",
 )
 
 

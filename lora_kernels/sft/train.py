@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lora_kernels import distributed as dist_utils
+
 from . import checkpoint as ckpt
 from .config import ConfigError, SFTConfig, dump_yaml, resume_fingerprint
 from .data import IGNORE_INDEX, SFTData, check_dataset_spec, collate, packed_mask_kind, prepare_data
@@ -44,9 +46,23 @@ _PAUSE_AT_STEP = os.environ.get("LORA_KERNELS_SFT_PAUSE_AT_STEP")
 
 
 def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    return dist_utils.is_main_process()
+
+
+def resolve_strategy(cfg: SFTConfig) -> str:
+    """``none`` | ``ddp`` | ``fsdp``: what ``cfg.distributed`` means for this launch (torchrun sets WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.distributed in ("auto", "none") or world <= 1:
+        return "ddp" if cfg.distributed == "auto" and world > 1 else "none"
+    return cfg.distributed
+
+
+def sft_fingerprint(cfg: SFTConfig) -> dict:
+    """The resume fingerprint, with ``batch_size`` as the rows per micro-batch summed over ranks: a run resumes
+    with another world size when the global batch is the same (2 ranks x 2 rows = 1 rank x 4 rows)."""
+    fp = resume_fingerprint(cfg)
+    fp["batch_size"] = cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return fp
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +73,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(cfg: SFTConfig) -> torch.device:
     if cfg.device == "auto":
+        if torch.cuda.is_available() and dist_utils.is_distributed():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -128,8 +146,28 @@ def apply_method(model, cfg: SFTConfig) -> dict:
 
 
 def wrap_model(model, cfg: SFTConfig, device: torch.device):
-    """Place the model for training. The single hook for gradient checkpointing / DDP / FSDP wrappers."""
-    return model.to(device)
+    """Place the model for training: low-precision frozen base, checkpointing, chunked loss, then DDP / FSDP2.
+
+    Returns ``(model, core)``: ``model`` is what the training step calls (maybe a DDP wrapper), ``core`` the
+    Hugging Face model itself (generation, exports, checkpoint names).
+    """
+    from lora_kernels.losses import enable_chunked_loss
+    from lora_kernels.memory import cast_frozen_params, enable_gradient_checkpointing
+
+    base_dtype = cfg.base_dtype
+    if base_dtype == "auto":
+        base_dtype = "bf16" if device.type == "cuda" and cfg.method == "lora" else "fp32"
+    if base_dtype == "bf16":
+        cast_frozen_params(model, torch.bfloat16)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.chunked_ce:
+        enable_chunked_loss(model, chunk_size=cfg.ce_chunk_size)
+    model = model.to(device)
+    strategy = resolve_strategy(cfg)
+    mp = torch.bfloat16 if len({p.dtype for p in model.parameters()}) > 1 else None
+    wrapped = dist_utils.wrap_model(model, strategy, device=device, mixed_precision=mp)
+    return wrapped, dist_utils.unwrap_model(wrapped)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -176,6 +214,15 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def compute_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of token cross-entropies over the batch's targets (fp32 scalar). The one place logits meet labels."""
+    if getattr(dist_utils.unwrap_model(model), "_lk_chunked", None) is not None:
+        # chunked CE (lora_kernels.losses.enable_chunked_loss): no logits; num_items_in_batch=1 -> the sum
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            shift_labels=batch["targets"],
+            num_items_in_batch=1,
+        ).loss
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -345,7 +392,7 @@ def _prepare_run_dir(cfg: SFTConfig) -> tuple[Path, Path | None, dict | None]:
     if cfg.resume is not None:
         path = ckpt.resolve_resume(cfg.resume, ckpt_root)
         state = ckpt.verify_checkpoint(path)
-        ckpt.check_fingerprint(path, state, resume_fingerprint(cfg))
+        ckpt.check_fingerprint(path, state, sft_fingerprint(cfg))
         return run_dir, path, state
     if ckpt.list_checkpoints(ckpt_root):
         if not cfg.overwrite:
@@ -353,7 +400,8 @@ def _prepare_run_dir(cfg: SFTConfig) -> tuple[Path, Path | None, dict | None]:
                 f"run folder {run_dir} already holds checkpoints: pass --resume to continue it, "
                 "--overwrite to start again, or --name to use another folder"
             )
-        shutil.rmtree(ckpt_root)
+        if is_main_process():  # one rank deletes; the others wait at the barrier in run_sft
+            shutil.rmtree(ckpt_root)
     return run_dir, None, None
 
 
@@ -365,13 +413,22 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
     """Run one SFT job as configured; returns the summary dict (also written to ``<run_dir>/summary.json``)."""
     cfg.validate()
     t_start = time.time()
+    strategy = resolve_strategy(cfg)
+    own_group = strategy != "none" and not dist_utils.is_distributed()
+    if strategy != "none":
+        dev_kind = None if cfg.device == "auto" else torch.device(cfg.device).type
+        dist_utils.init_distributed(device=dev_kind)
+    world = dist_utils.get_world_size()
     main = is_main_process()
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731 - one voice: rank 0 prints
     if cfg.tensorboard:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("tensorboard: true needs the 'tensorboard' package (pip install tensorboard)") from None
     run_dir, resume_path, resume_state = _prepare_run_dir(cfg)
+    dist_utils.barrier()
     check_dataset_spec(cfg.dataset)
     device = resolve_device(cfg)
     amp_dtype = resolve_precision(cfg, device)
@@ -392,7 +449,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         f"{st.n_truncated}; dropped (no assistant token left): {st.n_dropped_no_target}; longest: {st.max_example_len}"
     )
     mask_kind = packed_mask_kind(model) if cfg.packing else "additive"
-    rows_per_step = cfg.batch_size * cfg.grad_accum
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world  # global: each rank takes its slice of every step
     sampler = StepSampler(len(data.train_rows), rows_per_step, cfg.seed)
     if sampler.steps_per_epoch == 0:
         raise ConfigError(
@@ -401,7 +458,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * sampler.steps_per_epoch))
     counts = apply_method(model, cfg)
-    model = wrap_model(model, cfg, device)
+    model, core = wrap_model(model, cfg, device)  # the optimizer is built after wrapping (FSDP2 swaps params)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
@@ -416,14 +473,33 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); device {device}, "
         f"precision {'bf16 autocast' if amp_dtype else 'fp32'}"
         + (f", lora backend {_backend_label(cfg.backend, device)}" if cfg.method == "lora" else "")
+        + (f"; {strategy} over {world} processes" if world > 1 else "")
+        + "; memory: "
+        + ", ".join(
+            k
+            for k, on in (
+                ("activation checkpointing", cfg.gradient_checkpointing),
+                ("chunked CE", cfg.chunked_ce),
+                ("bf16 frozen base", any(p.dtype == torch.bfloat16 for p in core.parameters())),
+            )
+            if on
+        )
+        or "defaults"
     )
 
     start_step, history = 0, {}
     if resume_path is not None:
         files = ckpt.load_checkpoint_files(resume_path)
-        ckpt.load_trainable_into(model, files["trainable"], resume_path)
+        # FSDP checkpoints hold name-keyed full state (dist_utils.full_state_dicts): loadable at any world size
+        # and strategy; the others hold index-keyed optimizer state (single process / DDP, any world size).
+        named = any(isinstance(k, str) for k in files["optimizer"].get("state", {}))
+        if strategy != "fsdp" and not named:
+            ckpt.load_trainable_into(core, files["trainable"], resume_path)
         try:
-            optimizer.load_state_dict(files["optimizer"])
+            if strategy == "fsdp" or named:
+                dist_utils.load_full_state_dicts(model, optimizer, files["trainable"], files["optimizer"])
+            else:
+                optimizer.load_state_dict(files["optimizer"])
             scheduler.load_state_dict(files["scheduler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"checkpoint {resume_path}: optimizer/scheduler state does not fit: {e}") from e
@@ -452,7 +528,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
             log(f"eval before training: loss {before['eval_loss']:.4f}, ppl {before['eval_ppl']:.2f}")
             if metrics:
                 metrics.write({"type": "eval", "step": 0, **before})
-        history = {"eval_before": before, "samples_before": generate_samples(model, tokenizer, cfg, device, amp_dtype)}
+        history = {"eval_before": before, "samples_before": generate_samples(core, tokenizer, cfg, device, amp_dtype)}
         history["train_time_s"], history["train_tokens"] = 0.0, 0
         for s in history["samples_before"]:
             log(f"  [before] {s['prompt']!r} -> {s['reply']!r}")
@@ -464,6 +540,9 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
     )
     say = bar.write if not bar.disable else log
 
+    from lora_kernels.memory import PeakMemory, memory_report
+
+    peak = PeakMemory(device).start()  # after loading: the baseline holds the weights
     model.train()
     train_time, train_tokens = history.get("train_time_s", 0.0), history.get("train_tokens", 0)
     train_cpu = history.get("train_cpu_s", 0.0)
@@ -471,26 +550,34 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
     for step in range(start_step, total_steps):
         t_step, cpu_step = time.time(), time.process_time()
         epoch, row_ids = sampler.rows(step)
-        rows = [data.train_rows[i] for i in row_ids]
+        rows = [data.train_rows[i] for i in row_ids][dist_utils.shard_slice(len(row_ids))]
         micro = [collate(rows[i : i + cfg.batch_size], pad_id, mask_kind) for i in range(0, len(rows), cfg.batch_size)]
-        n_targets = sum(mb["n_targets"] for mb in micro)
-        n_tokens = sum(len(ex) for row in rows for ex in row)
+        local_targets = sum(mb["n_targets"] for mb in micro)
+        # Divide by the global target count (x world: DDP averages the ranks' gradients): every rank then
+        # contributes its share of the single-process gradient of the whole global batch.
+        n_targets = int(dist_utils.all_reduce_sum(local_targets).item())
+        divisor = n_targets / world
+        n_tokens = int(dist_utils.all_reduce_sum(sum(len(ex) for row in rows for ex in row)).item())
         loss_sum = 0.0
-        for mb in micro:
+        for i, mb in enumerate(micro):
             mb = _to_device(mb, device)
-            with autocast_ctx(device, amp_dtype):
-                ls = compute_loss_sum(model, mb)
-            (ls / n_targets).backward()
+            with dist_utils.no_sync(model, skip=i < len(micro) - 1):
+                with autocast_ctx(device, amp_dtype):
+                    ls = compute_loss_sum(model, mb)
+                (ls / divisor).backward()
             loss_sum += float(ls.detach())
+        loss_sum = float(dist_utils.all_reduce_sum(loss_sum).item())
         if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2
         lr_now = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt, cpu_dt = time.time() - t_step, time.process_time() - cpu_step
+        peak.update()
         train_time += dt
         train_cpu += cpu_dt
         train_tokens += n_tokens
@@ -531,41 +618,60 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
                 say(f"step {step + 1}: eval loss {last_eval['eval_loss']:.4f}, ppl {last_eval['eval_ppl']:.2f}")
                 if metrics:
                     metrics.write({"type": "eval", "step": step + 1, **last_eval})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and strategy == "fsdp":
+            trainable_sd, optim_sd = dist_utils.full_state_dicts(model, optimizer)  # collective: every rank
+        elif cfg.save_every and (step + 1) % cfg.save_every == 0:
+            trainable_sd = {n: p for n, p in core.named_parameters() if p.requires_grad}
+            optim_sd = optimizer.state_dict()
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and main:
             history["train_time_s"], history["train_tokens"] = train_time, train_tokens
             history["train_cpu_s"] = train_cpu
             ckpt.save_checkpoint(
                 run_dir / "checkpoints",
                 step + 1,
-                trainable={n: p for n, p in model.named_parameters() if p.requires_grad},
-                optimizer_state=optimizer.state_dict(),
+                trainable=trainable_sd,
+                optimizer_state=optim_sd,
                 scheduler_state=scheduler.state_dict(),
                 trainer_state={
                     "epoch": epoch,
                     "rows_consumed": (step + 1) * rows_per_step,
                     "total_steps": total_steps,
-                    "fingerprint": resume_fingerprint(cfg),
+                    "fingerprint": sft_fingerprint(cfg),
+                    "world_size": world,
                     "history": history,
                 },
                 keep_last=cfg.keep_last,
             )
     bar.close()
+    peak.stop()
+    mem = memory_report(core, optimizer, peak)
 
     after = evaluate(model, data.eval_rows, cfg, pad_id, device, amp_dtype)
     if after and metrics:
         metrics.write({"type": "eval", "step": total_steps, **after})
-    samples_after = generate_samples(model, tokenizer, cfg, device, amp_dtype)
+    samples_after = generate_samples(core, tokenizer, cfg, device, amp_dtype)
 
     outputs = {}
+    export_core = core
+    if strategy == "fsdp":  # sharded weights: rebuild an unsharded model on rank 0 from the gathered state
+        full_sd, _ = dist_utils.full_state_dicts(model, trainable_only=cfg.method == "lora")  # collective
+        if main:
+            from .modeling import load_model
+
+            export_core, _ = load_model(cfg.model)
+            apply_method(export_core, cfg)
+            ckpt.load_trainable_into(export_core, full_sd, run_dir)
     if main:
         from .export import export_adapter, export_merged, save_hf_folder
 
         if cfg.method == "lora":
-            outputs["adapter"] = str(export_adapter(model, run_dir / "adapter", base_model_name_or_path=cfg.model))
+            outputs["adapter"] = str(
+                export_adapter(export_core, run_dir / "adapter", base_model_name_or_path=cfg.model)
+            )
             if cfg.merge:
-                outputs["merged"] = str(export_merged(model, tokenizer, run_dir / "merged"))
+                outputs["merged"] = str(export_merged(export_core, tokenizer, run_dir / "merged"))
         else:
-            outputs["model"] = str(save_hf_folder(model, tokenizer, run_dir / "model"))
+            outputs["model"] = str(save_hf_folder(export_core, tokenizer, run_dir / "model"))
             if cfg.merge:
                 log("note: --merge has nothing to merge with method=full; the model is in model/")
         if metrics and cfg.plot and plot_losses(metrics.records(), run_dir / "loss.png", log):
@@ -593,6 +699,9 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         "train_cpu_s": round(train_cpu, 2),
         "wall_time_s": round(time.time() - t_start, 1),
         **peak_memory(device),
+        "memory": mem.as_dict(),
+        "distributed": strategy,
+        "world_size": world,
         "device": str(device),
         "precision": "bf16-autocast" if amp_dtype else "fp32",
         "torch_threads": torch.get_num_threads(),
@@ -605,6 +714,10 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         if metrics:
             metrics.close()
     _print_summary(summary, log)
+    log(str(mem))
+    dist_utils.barrier()
+    if own_group:
+        dist_utils.teardown()
     return summary
 
 
