@@ -8,7 +8,7 @@ For each targeted ``nn.Linear`` with ``W = U S Vᵀ`` (``W: [out, in]``)::
 which is the fused LoRA op with ``A = V_rᵀ`` (``lora_A.weight``), ``B = U_r`` (``lora_B.weight``) and the optional
 middle matrix ``lora_R`` of :func:`lora_kernels.functional.lora_linear`: the ``[M, r]`` intermediate ``XA`` is
 multiplied by ``Rᵀ`` (``r²`` per row: negligible) before ``B``; no new kernel. The gradient reaching ``R`` is
-``dR = s · (G B)ᵀ (X A)ᵀ``-shaped ``[r, r]`` (DESIGN.md's ``GB`` and ``XA``, both already computed for LoRA).
+``dR = s · (G B)ᵀ (X A)``, ``[r, M] · [M, r]`` (DESIGN.md's ``GB`` and ``XA``, both already computed for LoRA).
 
 ``s = lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``), as LoRA. Trainable parameters per layer: ``r²`` instead of
 LoRA's ``r (in + out)``; e.g. r = 32 on a 384 x 1536 layer: 1,024 vs 61,440.
