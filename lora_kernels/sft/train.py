@@ -666,7 +666,7 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
 
         if cfg.method == "lora":
             outputs["adapter"] = str(
-                export_adapter(export_core, run_dir / "adapter", base_model_name_or_path=cfg.model)
+                export_adapter(export_core, run_dir / "adapter", base_model_name_or_path=_base_name(cfg, export_core))
             )
             if cfg.merge:
                 outputs["merged"] = str(export_merged(export_core, tokenizer, run_dir / "merged"))
@@ -719,6 +719,13 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
     if own_group:
         dist_utils.teardown()
     return summary
+
+
+def _base_name(cfg: SFTConfig, model) -> str:
+    """What the adapter records as its base: the hub id for the built-in SmolLM2, else the model folder given."""
+    if cfg.model == "smollm2":
+        return model.config.name_or_path
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
 
 
 def _print_summary(s: dict, log) -> None:
