@@ -27,13 +27,29 @@ logger = logging.getLogger("lora_kernels")
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
-# Preference of ``auto`` per device type, fastest verified first. GPU order: the triton kernels were the
-# first verified on a GPU (H200); ``cuda`` moves ahead only once the device benchmarks show it faster and its
-# GPU tests pass (see benchmarks/results/ and the README for the run that decided this).
+# Preference of ``auto`` per device type, fastest verified first, from the H200 runs committed under
+# benchmarks/results/h200_20261130_run{1,2,3} (bf16, fp32 adapters, 4096 -> 4096, r=16, fwd+bwd medians):
+#   M=8192, p=0   : torch 1.045 ms < triton 1.309 < cuda 5.878   (base F.linear 0.725, PEFT 1.803)
+#   M=8192, p=0.1 : triton 1.602 < torch 10.15 (mask pass, since reworked; not re-measured) < cuda 9.746
+#   M=16,   p=0   : triton 0.745 < torch 0.872 < cuda 0.977      (host-bound; base 0.146, PEFT 0.944)
+# So on a GPU: without dropout at training sizes the cuBLAS-backed torch path wins today; with dropout, or at
+# small M, the Triton kernels win. The cuda backend passed its GPU tests (runs 1 and 3) but is slower
+# everywhere, so it is last. Revisit these after each GPU benchmark run.
 AUTO_PREFERENCE = {
-    "cuda": ("triton", "cuda", "torch"),
+    "cuda": ("triton", "torch", "cuda"),
     "cpu": ("torch",),
 }
+AUTO_GPU_NO_DROPOUT_MIN_M = 1024  # from this many rows, without dropout, `auto` tries torch first on a GPU
+
+
+def _auto_order(device_type: str, args: tuple) -> tuple[str, ...]:
+    order = AUTO_PREFERENCE.get(device_type, ("torch",))
+    if device_type == "cuda":
+        x, opts = args[0], args[-1]
+        m = x.numel() // max(x.shape[-1], 1)
+        if opts.dropout_p == 0 and m >= AUTO_GPU_NO_DROPOUT_MIN_M:
+            order = ("torch",) + tuple(n for n in order if n != "torch")
+    return order
 
 
 class BackendUnavailableError(RuntimeError):
@@ -147,7 +163,8 @@ def resolve(args: tuple, requested: str | None = None) -> Backend:
         _log_once(logging.INFO, f"lora_kernels: using backend {name!r} on {device_type} (explicitly selected)")
         return backend
     skipped = []
-    for cand in AUTO_PREFERENCE.get(device_type, ("torch",)):
+    order = _auto_order(device_type, args)
+    for cand in order:
         backend = _REGISTRY.get(cand)
         if backend is None:
             continue
@@ -160,7 +177,7 @@ def resolve(args: tuple, requested: str | None = None) -> Backend:
                     logging.WARNING,
                     f"lora_kernels: auto skipped faster backend {skipped_name!r} on {device_type}: {skipped_why}",
                 )
-            _log_once(logging.INFO, f"lora_kernels: auto selected backend {cand!r} on {device_type}")
+            _log_once(logging.INFO, f"lora_kernels: auto selected backend {cand!r} on {device_type} (order {order})")
             return backend
         skipped.append((cand, why))
     reasons = "; ".join(f"{n}: {w}" for n, w in skipped)

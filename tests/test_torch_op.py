@@ -330,3 +330,21 @@ def test_mask_int64_wrapping_multiply_matches_python_and_chunking_is_invisible(m
     ref = _rng.dropout_keep_mask(2**40 + 7, 2**32 - 50, 9, 23, 0.3)
     monkeypatch.setattr(_rng, "_CHUNK_ELEMS", 10)
     assert torch.equal(_rng.dropout_keep_mask(2**40 + 7, 2**32 - 50, 9, 23, 0.3), ref)
+
+
+def test_auto_order_on_gpu_follows_the_measurements():
+    """Without dropout at training sizes the torch path goes first on a GPU; with dropout or small M, triton."""
+    from lora_kernels.backends import AUTO_GPU_NO_DROPOUT_MIN_M, LoRAOpts, _auto_order
+
+    class FakeX:
+        def __init__(self, m):
+            self.shape = (m, 64)
+
+        def numel(self):
+            return self.shape[0] * 64
+
+    big, small = FakeX(AUTO_GPU_NO_DROPOUT_MIN_M), FakeX(16)
+    assert _auto_order("cuda", (big, LoRAOpts(1.0)))[0] == "torch"
+    assert _auto_order("cuda", (big, LoRAOpts(1.0, dropout_p=0.1)))[0] == "triton"
+    assert _auto_order("cuda", (small, LoRAOpts(1.0)))[0] == "triton"
+    assert _auto_order("cpu", (big, LoRAOpts(1.0))) == ("torch",)

@@ -635,7 +635,15 @@ GPU_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype,m,k,n,r", GPU_CASES)
 def test_gpu_matches_oracle(dtype, m, k, n, r):
-    check_against_oracle(*make_inputs(m, k, n, r, dtype), p=0.1)
+    from lora_kernels.backends import BackendUnavailableError
+    from lora_kernels.triton.backend import gpu_alignment_problem
+
+    inputs = make_inputs(m, k, n, r, dtype)
+    if gpu_alignment_problem(inputs[0], inputs[1]):  # declined on purpose (known GPU bug): say so, never compute
+        with pytest.raises(BackendUnavailableError, match="multiples of 16"):
+            run("triton", *inputs)
+        return
+    check_against_oracle(*inputs, p=0.1)
 
 
 @pytest.mark.gpu
@@ -730,6 +738,11 @@ def test_gpu_tile_configs_compile(monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.xfail(
+    strict=True,
+    reason="known GPU bug (H200 runs 1-3): unaligned 16-bit launches give a wrong dX or an illegal address; "
+    "backend.supports declines them. XPASS here means it is fixed: remove the gate in triton/backend.py",
+)
 @pytest.mark.parametrize("case", ["fp16-M777-K1111-N555-r3", "bf16-T3d-4x333-K1000-N700-fp32adapters"])
 def test_gpu_unaligned_isolated(case):
     """GPU run 1's failures, each in its own process with CUDA_LAUNCH_BLOCKING=1: an illegal address is reported
@@ -752,6 +765,37 @@ else:
 torch.cuda.synchronize()
 print('OK')
 """
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", LORA_KERNELS_TRITON_ALLOW_UNALIGNED="1")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-6000:])
+
+
+def test_unaligned_16bit_gpu_launches_are_declined_with_the_reason():
+    """The gate itself (CPU tensors are never gated, so exercise the rule through a fake CUDA device type)."""
+    from lora_kernels.triton import backend
+
+    class FakeDevice:
+        type = "cuda"
+
+    class Fake:
+        def __init__(self, t):
+            self.t = t
+            self.device = FakeDevice()
+            self.dtype = t.dtype
+            self.shape = t.shape
+
+        def stride(self, *a):
+            return self.t.stride(*a)
+
+        def data_ptr(self):
+            return 0
+
+    w_ok = torch.empty(32, 64, dtype=torch.bfloat16)
+    assert backend.gpu_alignment_problem(Fake(torch.empty(5, 64, dtype=torch.bfloat16)), w_ok) is None
+    for x, w in [
+        (torch.empty(5, 63, dtype=torch.bfloat16), torch.empty(32, 63, dtype=torch.bfloat16)),  # K
+        (torch.empty(5, 64, dtype=torch.float16), torch.empty(33, 64, dtype=torch.float16)),  # N
+        (torch.empty(5, 72, dtype=torch.bfloat16)[:, :64], w_ok),  # row stride 72
+    ]:
+        assert "multiples of 16" in backend.gpu_alignment_problem(Fake(x), w)
+    assert backend.gpu_alignment_problem(Fake(torch.empty(5, 63)), torch.empty(32, 63)) is None  # fp32 passed
