@@ -29,6 +29,11 @@ _LAZY = {
     "lora_state_dict": "lora_kernels.inject",
     "LoRAConfig": "lora_kernels.config",
     "load_smollm2": "lora_kernels.models",
+    "SubspaceLinear": "lora_kernels.subspace",
+    "apply_subspace": "lora_kernels.subspace",
+    "merge_subspace": "lora_kernels.subspace",
+    "save_subspace": "lora_kernels.subspace",
+    "load_subspace": "lora_kernels.subspace",
     "save_adapter": "lora_kernels.adapter",
     "load_adapter": "lora_kernels.adapter",
 }
