@@ -222,23 +222,39 @@ def test_memory_report_accounts_weights_and_optimizer():
     all_bytes = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     with PeakMemory() as pm:
-        big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched: must show in the RSS peak
-        pm.update()  # deterministic; the 5 ms sampler thread may not get a turn on a loaded machine
         ids, labels = _batch()
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
-        del big
     rep = memory_report(model, opt, pm)
     assert rep.trainable_weights == t_bytes and rep.frozen_weights + rep.trainable_weights == all_bytes
     assert rep.grads == t_bytes
     # AdamW: exp_avg + exp_avg_sq (fp32, each the size of the params) + a 0-d 'step' per parameter
     assert 2 * t_bytes <= rep.optimizer_state <= 2 * t_bytes + 8 * len(trainable)
-    assert rep.peak - rep.baseline >= 60 * 1024 * 1024
+    assert rep.peak >= rep.baseline > 0
     assert rep.activations > 0 and rep.peak_kind == "cpu peak RSS"
     text = str(rep)
     for word in ("frozen weights", "optimizer state", "activations", "peak"):
         assert word in text
     assert rep.as_dict()["dtypes"] == {"float32": sum(p.numel() for p in model.parameters())}
+
+
+def test_peak_rss_sees_a_64mib_touch_in_a_fresh_process():
+    """RSS peaks are process-wide: after other tests the allocator may serve 64 MiB from memory it already holds
+    (no RSS growth), so the measurement is checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from lora_kernels.memory import PeakMemory\n"
+        "with PeakMemory() as pm:\n"
+        "    big = torch.ones(64 * 1024 * 1024 // 4)\n"
+        "    pm.update()\n"
+        "    del big\n"
+        "print(pm.peak - pm.baseline)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert int(out.stdout.strip().splitlines()[-1]) >= 60 * 1024 * 1024, out.stdout
 
 
 def test_activation_estimate_orders():
