@@ -475,16 +475,18 @@ def run_sft(cfg: SFTConfig, log=_print_flush) -> dict:
         + (f", lora backend {_backend_label(cfg.backend, device)}" if cfg.method == "lora" else "")
         + (f"; {strategy} over {world} processes" if world > 1 else "")
         + "; memory: "
-        + ", ".join(
-            k
-            for k, on in (
-                ("activation checkpointing", cfg.gradient_checkpointing),
-                ("chunked CE", cfg.chunked_ce),
-                ("bf16 frozen base", any(p.dtype == torch.bfloat16 for p in core.parameters())),
+        + (
+            ", ".join(
+                k
+                for k, on in (
+                    ("activation checkpointing", cfg.gradient_checkpointing),
+                    ("chunked CE", cfg.chunked_ce),
+                    ("bf16 frozen base", any(p.dtype == torch.bfloat16 for p in core.parameters())),
+                )
+                if on
             )
-            if on
+            or "defaults"
         )
-        or "defaults"
     )
 
     start_step, history = 0, {}
