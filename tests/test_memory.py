@@ -231,7 +231,8 @@ def test_memory_report_accounts_weights_and_optimizer():
     # AdamW: exp_avg + exp_avg_sq (fp32, each the size of the params) + a 0-d 'step' per parameter
     assert 2 * t_bytes <= rep.optimizer_state <= 2 * t_bytes + 8 * len(trainable)
     assert rep.peak >= rep.baseline > 0
-    assert rep.activations > 0 and rep.peak_kind == "cpu peak RSS"
+    # activations = peak - baseline - known parts: may be 0 in-process (see the fresh-process test below)
+    assert rep.activations >= 0 and rep.peak_kind == "cpu peak RSS"
     text = str(rep)
     for word in ("frozen weights", "optimizer state", "activations", "peak"):
         assert word in text
