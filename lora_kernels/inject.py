@@ -284,6 +284,28 @@ def _inject(model: nn.Module, plan: Plan, config: LoRAConfig, adapter_dtype, bac
     return report
 
 
+def check_injection_args(model, r, lora_alpha, lora_dropout, adapter_dtype, backend, *, kind: str, hint: str):
+    """The argument checks shared by ``apply_lora`` and ``subspace.apply_subspace``; returns the normalised values.
+
+    Raises before anything is changed: bad hyper-parameters, a non-module, or a model that already has an adapter.
+    """
+    r = check_r(r)
+    lora_alpha = check_alpha(lora_alpha)
+    lora_dropout = check_dropout(lora_dropout)
+    adapter_dtype = check_adapter_dtype(adapter_dtype)
+    if backend is not None:
+        backend = validate_backend_name(backend)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    existing = lora_modules(model)
+    if existing:
+        raise ValueError(
+            f"model already has {len(existing)} {kind} modules (e.g. {list(existing)[:3]}); one adapter per model: "
+            f"{hint}"
+        )
+    return r, lora_alpha, lora_dropout, adapter_dtype, backend
+
+
 def apply_lora(
     model: nn.Module,
     target_modules="all-linear",
@@ -304,21 +326,17 @@ def apply_lora(
     ``model.lora_config`` records the resolved settings; the returned ``LoRAInjection`` lists what was replaced
     and the parameter counts. Raises before touching the model when any argument or match is invalid.
     """
-    r = check_r(r)
-    lora_alpha = check_alpha(lora_alpha)
-    lora_dropout = check_dropout(lora_dropout)
+    r, lora_alpha, lora_dropout, adapter_dtype, backend = check_injection_args(
+        model,
+        r,
+        lora_alpha,
+        lora_dropout,
+        adapter_dtype,
+        backend,
+        kind="LoRA",
+        hint="call merge_lora(model) first, or load_adapter to replace the adapter weights",
+    )
     init = check_init(init_lora_weights)
-    adapter_dtype = check_adapter_dtype(adapter_dtype)
-    if backend is not None:
-        backend = validate_backend_name(backend)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    existing = lora_modules(model)
-    if existing:
-        raise ValueError(
-            f"model already has {len(existing)} LoRA modules (e.g. {list(existing)[:3]}); one adapter per model: "
-            "call merge_lora(model) first, or load_adapter to replace the adapter weights"
-        )
     plan = plan_lora(model, target_modules, r, exclude_modules, modules_to_save)
     if init == "pissa":
         _check_not_tied(model, plan.targets, "init_lora_weights='pissa'")

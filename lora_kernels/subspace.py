@@ -57,8 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import validate_backend_name
-from .config import check_adapter_dtype, check_alpha, check_dropout, check_r, scaling_for
+from .config import check_alpha, check_dropout, check_r, scaling_for
 from .layer import LoRALinear
 
 logger = logging.getLogger("lora_kernels")
@@ -213,22 +212,18 @@ def apply_subspace(
     afterwards: each ``lora_R`` and the ``modules_to_save`` parameters. ``model.subspace_config`` records the
     resolved settings. Raises before touching the model when an argument or a match is invalid.
     """
-    from .inject import _replace, count_params, lora_modules, plan_lora
+    from .inject import _replace, check_injection_args, count_params, plan_lora
 
-    r = check_r(r)
-    lora_alpha = check_alpha(lora_alpha)
-    lora_dropout = check_dropout(lora_dropout)
-    adapter_dtype = check_adapter_dtype(adapter_dtype)
-    if backend is not None:
-        backend = validate_backend_name(backend)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    existing = lora_modules(model)
-    if existing:
-        raise ValueError(
-            f"model already has {len(existing)} LoRA/subspace modules (e.g. {list(existing)[:3]}); one adapter per "
-            "model: merge it first (merge_subspace / merge_lora)"
-        )
+    r, lora_alpha, lora_dropout, adapter_dtype, backend = check_injection_args(
+        model,
+        r,
+        lora_alpha,
+        lora_dropout,
+        adapter_dtype,
+        backend,
+        kind="LoRA/subspace",
+        hint="merge it first (merge_subspace / merge_lora)",
+    )
     plan = plan_lora(model, target_modules, r, exclude_modules, modules_to_save)
     model.requires_grad_(False)
     for name in plan.targets:
