@@ -211,7 +211,10 @@ def main() -> int:
         else:
             not_tuned.append(f"fused forward M={big} p=0 (compared on default tiles only)")
 
-    print("\nwinners, for lora_kernels/triton/configs.py (_SM90 rows; first entry = default):")
+    print(
+        "\nwinners, for lora_kernels/triton/configs.py (_SM90 rows, first entry = default; fwd0 -> ('fwd', size),"
+        " fwd1 -> ('fwd_gemm', size), fwd2 -> ('fwd_xa', size), bwd -> ('bwd', size)):"
+    )
     print("\n".join(rows) if rows else "    (nothing tuned)")
     if not_tuned:
         print(f"not tuned (budget {args.budget:.0f} s spent): {', '.join(not_tuned)}")

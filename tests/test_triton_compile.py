@@ -107,3 +107,51 @@ def test_kernels_compile_for_gpu(capability):
     stage = 36 * 1024
     assert info["fwd_shared"] >= 2 * stage, info
     assert info["bwd_shared"] >= 2 * stage, info
+
+
+# Shared memory per block (bytes) as Triton's launcher checks it: sm_90 227 KB, sm_89 (RTX 40xx, L4, L40) 99 KB.
+MAX_SHARED = {90: 232448, 89: 101376}
+
+
+def _compile_defaults(capability: int) -> dict:
+    """Compile the first (default) tile of every kernel kind as ``configs.candidates`` picks it for a device of
+    ``capability`` with ``MAX_SHARED[capability]`` bytes, M=8192, bf16 activations, fp32 adapters, r=16."""
+    from lora_kernels.triton import configs
+    from lora_kernels.triton.backward import lora_bwd_kernel
+    from lora_kernels.triton.forward import lora_fwd_kernel
+
+    act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
+    f32 = {n: "*fp32" for n in ("a_ptr", "b_ptr", "rm_ptr", "xa_ptr", "da_ptr", "db_ptr", "dbias_ptr", "drm_ptr")}
+    common = dict(HAS_R=False, R_PAD=16, IEEE=False, INTERPRET=False)
+    cap = (capability // 10, capability % 10)
+    out = {}
+    for kind, mode in (("fwd", 0), ("fwd_gemm", 1), ("fwd_xa", 2), ("bwd", None)):
+        bm, bn, bk, g, w, s = configs.candidates(kind, 8192, 16, "bfloat16", cap, True, MAX_SHARED[capability])[0]
+        tiles = dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
+        if mode is None:
+            flags = dict(NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, NEED_DR=False, DETERMINISTIC=False)
+            k = compile_for(lora_bwd_kernel, {**act, **f32}, dict(tiles, HAS_DROPOUT=True, **flags), capability, w, s)
+        else:
+            flags = dict(HAS_BIAS=True, HAS_DROPOUT=mode != 1, XA_MODE=mode)
+            k = compile_for(lora_fwd_kernel, {**act, **f32}, dict(tiles, **flags), capability, w, s)
+        out[kind] = [k.metadata.shared, [bm, bn, bk, g, w, s]]
+    return out
+
+
+@pytest.mark.parametrize("capability", [90, 89], ids=["sm90", "sm89"])
+def test_default_tiles_fit_shared_memory(capability):
+    """The default tile of each kernel, as chosen for the device's shared memory, fits it (ptxas's count), so the
+    first launch cannot fail with OutOfResources: on sm_89 (99 KB) the sm_90/sm_80 tables' 3-stage tiles would
+    not (configs.fit_shared_memory), and sm_90's split-plan GEMM tile (128 x 256, 4 stages) is the largest."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); import test_triton_compile as t; "
+        f"print(json.dumps(t._compile_defaults({capability})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind, (shared, cfg) in info.items():
+        assert shared <= MAX_SHARED[capability], (kind, cfg, shared)
+        assert cfg[5] >= 2, (kind, cfg)  # still multi-buffered

@@ -578,6 +578,43 @@ def test_search_space_bounded():
                 assert st * configs._stage_bytes(kind, cfg, 16) <= configs._SMEM_BUDGET, cfg
 
 
+def test_tiles_fit_the_devices_shared_memory():
+    """configs.fit_shared_memory: on a 99 KB part (sm_86/89) every candidate's stages fit the budget and stay
+    >= 2 (a 1-stage tile only as the last resort); on the H200 (227 KB) the table comes back as written (it was
+    measured there), on the A100 (163 KB) its defaults do; unknown size (None) leaves them alone. The split plan's launches have their
+    own rows (tune.log of GPU run 2) and fall back to the fused rows elsewhere. The estimate is conservative
+    (sm_90 fused 3-stage tile: 110.6 KB estimated, 108.5 KB by ptxas), so A100 loses a stage on one 128 x 256
+    candidate, not on its defaults."""
+    from lora_kernels.triton import configs
+
+    sizes = {(9, 0): 232448, (8, 0): 166912, (8, 9): 101376}
+    for kind in ("fwd", "fwd_gemm", "fwd_xa", "bwd"):
+        for m in (16, 8192):
+            for dt in ("bfloat16", "float32"):
+                for rp in (16, 128):
+                    for cap, smem in sizes.items():
+                        table = configs.candidates(kind, m, rp, dt, cap)
+                        assert configs.candidates(kind, m, rp, dt, cap, True, None) == table
+                        rows = configs.candidates(kind, m, rp, dt, cap, True, smem)
+                        elt = 4 if dt == "float32" else 2
+                        budget = smem - configs._SMEM_RESERVE
+                        assert rows, (kind, m, dt, rp, cap)
+                        for cfg in rows:
+                            assert cfg[:5] in [c[:5] for c in table], (cfg, table)
+                            if len(rows) > 1 or cfg[5] >= 2:
+                                assert 2 <= cfg[5] and cfg[5] * configs._stage_bytes(kind, cfg, rp, elt) <= budget
+                        if cap == (9, 0) and dt == "bfloat16" and rp == 16:
+                            assert rows == table, (kind, m, cap, rows, table)
+                        if cap == (8, 0) and dt == "bfloat16" and rp == 16:  # default as written
+                            assert rows[0] == table[0], (kind, m, cap, rows, table)
+    assert configs.candidates("fwd_gemm", 8192, 16, "bfloat16", (9, 0))[0] == (128, 256, 64, 8, 8, 4)
+    assert configs.candidates("fwd_xa", 8192, 16, "bfloat16", (9, 0))[0] == (64, 16, 64, 8, 4, 4)
+    assert configs.candidates("fwd_gemm", 16, 16, "bfloat16", (9, 0)) == configs._SM90[("fwd", "small")]
+    assert all(c[1] == 16 for c in configs.candidates("fwd_xa", 8192, 16, "float16", (9, 0), aligned=False))
+    # nothing fits twice: the smallest tile, one stage
+    assert configs.fit_shared_memory("bwd", [(128, 64, 128, 8, 8, 3)], 16, 48 * 1024) == [(128, 64, 128, 8, 8, 1)]
+
+
 def test_autotune_picks_fastest_and_prints_winner(monkeypatch, capsys):
     """configs.choose with LORA_KERNELS_TRITON_AUTOTUNE=1 (the GPU path, do_bench faked): times every candidate
     once per key, skips tiles that do not fit (OutOfResources), caches and logs the winner, prints a line."""

@@ -61,7 +61,28 @@ _SM90 = {
         (128, 128, 128, 8, 8, 3),
     ],
 }
-_SM80 = {key: [(bm, bn, bk, g, w, min(s, 3)) for bm, bn, bk, g, w, s in rows] for key, rows in _SM90.items()}
+# The split plan's two launches have their own rows (GPU run 2, benchmarks/results/h200_20261130_run2/tune.log:
+# H200, M=8192, K=N=4096, r=16, bf16 x, fp32 adapters, do_bench medians over the whole search space). Its GEMM
+# launch (XA_MODE=1) holds no [BM, R_PAD] accumulator and loads no A tile, so the 128 x 256 tile fits: 0.419 ms
+# (4 stages) and 0.421 ms (3) against 0.466 ms for the fused plan's default (128, 128, 64, 8, 8, 3), p=0 and
+# p=0.1 alike (that launch compiles without dropout). The XA-only launch (XA_MODE=2; BLOCK_N unused) streams X
+# once: 64-row tiles with 4 warps, 0.0375 ms against 0.0469 ms at p=0 and 0.069 against 0.128 ms at p=0.1
+# (more programs to spread the dropout hash over).
+_SM90[("fwd_gemm", "large")] = [
+    (128, 256, 64, 8, 8, 4),
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+]
+_SM90[("fwd_xa", "large")] = [(64, 16, 64, 8, 4, 4), (128, 16, 64, 8, 8, 4), (128, 16, 64, 8, 8, 3)]
+
+
+def _dedupe(rows: list[Config]) -> list[Config]:
+    return list(dict.fromkeys(rows))
+
+
+_SM80 = {key: _dedupe([(bm, bn, bk, g, w, min(s, 3)) for bm, bn, bk, g, w, s in rows]) for key, rows in _SM90.items()}
 # unaligned launches (launch._aligned) with 16-bit activations: 4 warps, BM <= 64 only (module docstring).
 _UNALIGNED = {
     ("fwd", "small"): [(16, 64, 128, 8, 4, 2)],
@@ -87,7 +108,40 @@ def _stage_bytes(kind: str, cfg: Config, r_pad: int, elt: int = 2, adapter_elt: 
     bm, bn, bk = cfg[:3]
     if kind == "fwd":  # x [BM, BK] + W [BK, BN] + A [BK, R_PAD] per stage
         return (bm * bk + bk * bn) * elt + bk * r_pad * adapter_elt
+    if kind == "fwd_gemm":  # x [BM, BK] + W [BK, BN]
+        return (bm * bk + bk * bn) * elt
+    if kind == "fwd_xa":  # x [BM, BK] + A [BK, R_PAD]
+        return bm * bk * elt + bk * r_pad * adapter_elt
     return (bm * bn + bn * bk) * elt + bn * r_pad * adapter_elt  # g [BM, BN] + W [BN, BK] + B [BN, R_PAD]
+
+
+# What a kernel needs beyond its pipeline stages (epilogue tiles, layout conversions): ptxas reported 4-8 KB in
+# tests/test_triton_compile.py's sm_90 builds.
+_SMEM_RESERVE = 8 * 1024
+
+
+def fit_shared_memory(kind: str, rows: list[Config], r_pad: int, max_shared: int | None, elt: int = 2) -> list[Config]:
+    """``rows`` made to fit a GPU with ``max_shared`` bytes of shared memory per block (None: unknown, unchanged).
+
+    The tables are written for sm_90 (227 KB) and sm_80 (163 KB); consumer parts have much less (sm_86 / sm_89 /
+    sm_120: 99 KB), where e.g. the default 3-stage 128 x 128 x 64 forward tile (~110 KB) fails to launch with
+    Triton's OutOfResources. Each row keeps as many stages as fit (at least 2, so the main loop is still
+    double-buffered); a row that does not fit with 2 is dropped; if none is left, the smallest tile of the
+    table, single-stage, is the answer (correct, slow). Adapters are counted as fp32 (the larger case).
+    """
+    if max_shared is None:
+        return rows
+    budget = max_shared - _SMEM_RESERVE
+    out: list[Config] = []
+    for bm, bn, bk, g, w, s in rows:
+        per_stage = _stage_bytes(kind, (bm, bn, bk, g, w, s), r_pad, elt)
+        fits = min(s, budget // per_stage)
+        if fits >= 2 or (fits >= 1 and s == 1):
+            out.append((bm, bn, bk, g, w, fits))
+    if not out:
+        smallest = min(rows, key=lambda c: _stage_bytes(kind, c, r_pad, elt))
+        out = [smallest[:5] + (1,)]
+    return _dedupe(out)
 
 
 def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
@@ -102,18 +156,19 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
     kind for M > 64 and 8 for M <= 64 (decode is host-bound: GPU run 1 measured 0.202 ms for a 0.019 ms GEMM):
     each candidate is one compile (~1-3 s) per key.
     """
-    default = _SM90[(kind, size)]
+    base = "fwd" if kind.startswith("fwd") else kind
+    default = _SM90.get((kind, size)) or _SM90[(base, size)]
     if size == "small":
         bms, bns, bks = (16, 32, 64), (64, 128), (128, 256)
         warps, stages = (4,), (3, 4, 5)
     else:
-        bms, bns, bks = (128, 256), ((128, 256) if kind == "fwd" else (64, 128)), (64, 128)
+        bms, bns, bks = (128, 256), ((128, 256) if base == "fwd" else (64, 128)), (64, 128)
         warps, stages = (4, 8), (3, 4, 5)
     out: list[Config] = list(default)
     for bm in bms:
         for bn in bns:
             for bk in bks:
-                acc = bm * (bn if kind == "fwd" else bk) + bm * r_pad
+                acc = bm * (bn if base == "fwd" else bk) + bm * r_pad
                 for w in warps:
                     if acc / (32 * w) > 128 + 16:  # fp32 accumulator registers per thread
                         continue
@@ -163,20 +218,35 @@ def m_bucket(m: int) -> int:
 
 
 def candidates(
-    kind: str, m: int, r_pad: int, dtype_name: str, capability: tuple[int, int], aligned: bool = True
+    kind: str,
+    m: int,
+    r_pad: int,
+    dtype_name: str,
+    capability: tuple[int, int],
+    aligned: bool = True,
+    max_shared: int | None = None,
 ) -> list[Config]:
+    """Tile candidates, the default first. ``kind``: ``fwd`` (fused forward), ``fwd_gemm`` / ``fwd_xa`` (the
+    split plan's GEMM and XA-only launches; they fall back to the ``fwd`` rows where no row of their own exists,
+    ``fwd_xa`` then with BLOCK_N fixed to 16), ``bwd``. ``max_shared``: the device's shared memory per block
+    (:func:`fit_shared_memory`)."""
     size = "small" if m <= 64 else "large"
+    base = "fwd" if kind.startswith("fwd") else kind
     if dtype_name in ("float32", "float64"):
-        rows = _FP32[(kind, size)]
+        rows = _FP32[(base, size)]
     elif not aligned:
-        rows = _UNALIGNED[(kind, size)]
+        rows = _UNALIGNED[(base, size)]
     elif capability >= (9, 0) and autotuning():
         rows = search_space(kind, size, r_pad)
     else:
-        rows = (_SM90 if capability >= (9, 0) else _SM80)[(kind, size)]
+        table = _SM90 if capability >= (9, 0) else _SM80
+        rows = table.get((kind, size)) or table[(base, size)]
+    if kind == "fwd_xa":
+        rows = xa_only(rows)
     if r_pad > 64:
         rows = [c for c in rows if c[0] <= 64] or [(64,) + c[1:] for c in rows[:1]]
-    return rows
+    elt = 8 if dtype_name == "float64" else 4 if dtype_name == "float32" else 2
+    return fit_shared_memory(kind, rows, r_pad, max_shared, elt)
 
 
 _cache: dict[tuple, Config] = {}

@@ -9,6 +9,7 @@ see NOTES.md for the full device-op budget).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -20,6 +21,8 @@ from . import configs
 from ._rng import dropout_args
 from .backward import lora_bwd_kernel, sum_partials_kernel
 from .forward import lora_fwd_kernel
+
+logger = logging.getLogger("lora_kernels")
 
 PLANS = ("auto", "fused", "split")
 PLAN_ENV = "LORA_KERNELS_TRITON_FWD_PLAN"
@@ -165,6 +168,29 @@ def _capability(t: torch.Tensor) -> tuple[int, int]:
     return cap
 
 
+_max_shared_mem: dict[int, int | None] = {}
+
+
+def _max_shared(t: torch.Tensor) -> int | None:
+    """Shared memory per block the device allows (bytes), as Triton's launcher checks it (OutOfResources); None
+    when it cannot be asked (then the tables are used as written for sm_90 / sm_80). Called on a config-cache
+    miss only."""
+    if not t.is_cuda:
+        return None
+    idx = t.device.index
+    if idx not in _max_shared_mem:
+        value = None
+        try:
+            import triton
+
+            value = int(triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+        except Exception as e:  # a driver API change must not break launches: say so, use the tables
+            logger.warning("lora_kernels.triton: cannot read the device's shared memory size (%r); using the sm_90/"
+                           "sm_80 tile tables as written", e)  # fmt: skip
+        _max_shared_mem[idx] = value
+    return _max_shared_mem[idx]
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the kernels, also the dtype of XA and of the flat gradient buffer."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -254,8 +280,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
         )  # fmt: skip
 
     def cands(mode):
-        rows = configs.candidates("fwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned)
-        return configs.xa_only(rows) if mode == 2 else rows
+        kind = ("fwd", "fwd_gemm", "fwd_xa")[mode]
+        return configs.candidates(kind, m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned, _max_shared(x))
 
     key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, bias is not None, has_dropout, lora_R is not None,
            aligned, x.device.index)  # fmt: skip
@@ -321,7 +347,7 @@ def lora_backward(
         )  # fmt: skip
 
     def cands():
-        return configs.candidates("bwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned)
+        return configs.candidates("bwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned, _max_shared(x))
 
     key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, need_dx, need_da, need_db, need_dbias, need_dr,
            deterministic, dropout_p > 0, aligned, x.device.index)  # fmt: skip
