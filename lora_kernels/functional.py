@@ -78,6 +78,17 @@ def validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p) -> None:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
+def _autocasting(x, weight, bias, lora_A, lora_B, lora_R) -> bool:
+    """Whether autocast applies to this call: it is on for x's device and every tensor argument is a float16/32
+    tensor (anything else, fp64 included, goes to ``validate`` untouched and is judged there)."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return False
+    for t in (x, weight, bias, lora_A, lora_B, lora_R):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES[:3]):
+            return False
+    return True
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -107,11 +118,11 @@ def lora_linear(
         deterministic: bit-reproducible backward (no atomics) where the backend offers it.
         backend: ``auto | torch | triton | cuda``; ``None`` uses the global / environment choice.
     """
-    validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-        # Behave like F.linear under autocast: base GEMM operands in the autocast dtype; adapters keep their
-        # dtype and are cast inside the op (fp32 accumulation).
+    if _autocasting(x, weight, bias, lora_A, lora_B, lora_R):
+        # Behave like F.linear under autocast: base GEMM operands in the autocast dtype (whatever dtypes x, weight
+        # and bias came in); adapters keep their dtype when it is fp32 or the autocast dtype (cast inside the op,
+        # fp32 accumulation), else they run in fp32. Validation happens in the call below, on what the op sees.
+        device_type = x.device.type
         dt = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
@@ -134,6 +145,7 @@ def lora_linear(
                 deterministic=deterministic,
                 backend=backend,
             )
+    validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
         seed = _rng.draw_seed()
