@@ -6,7 +6,7 @@
 // Kernel 1 (lora_bwd_kernel), grid (cdiv(M, BM), cdiv(K, BKX)); a block of 8 warps owns the [BM=64, BKX=128]
 // tile of dX and streams G along all of N in chunks of BNR=32:
 //
-//   [column 0 only] XAs <- XA[m0:m0+64, :]                       (fp32)
+//   [column 0 only] XAs <- XA[m0:m0+64, :]   (fp32 buffer; values rounded to T: the dB GEMM's operand)
 //   for n0 in 0..N step 32:
 //       Gs  <- G[m0:m0+64, n0:n0+32]                              strided (stride_g_m, stride_g_n), predicated
 //       WsT <- W[n0:n0+32, k0:k0+128]ᵀ                            (skipped when dX is not needed)
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, kMaxGbFrags <= 2 ? 2 : 1) lora_bwd_k
   if (col0) {
     for (int e = tid; e < BM * rp; e += kThreads) {
       const int i = e / rp, j = e % rp;
-      XAs[i * ldx + j] = (m0 + i < M && j < r) ? p.xa[(m0 + i) * r + j] : 0.0f;
+      XAs[i * ldx + j] = (m0 + i < M && j < r) ? operand_round<T>(p.xa[(m0 + i) * r + j]) : 0.0f;
     }
   }
 
@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_bwd_pipe_kernel(const BwdPar
   if (col0) {
     for (int e = tid; e < pipe::BM * rp; e += kThreads) {
       const int i = e / rp, j = e % rp;
-      XAs[i * ldx + j] = (m0 + i < M && j < r) ? p.xa[(m0 + i) * r + j] : 0.0f;
+      XAs[i * ldx + j] = (m0 + i < M && j < r) ? operand_round<T>(p.xa[(m0 + i) * r + j]) : 0.0f;
     }
   }  // visible to the dB hook after the main loop's first barrier
 

@@ -35,7 +35,8 @@ VERIFIED_ON_GPU: str | None = (
     "NVIDIA H200, 2026-11-30 (benchmarks/results/h200_20261130_run1, _run3): simple kernels 91/91 GPU tests, "
     "compute-sanitizer memcheck+racecheck clean (run 1); simple+pipelined policies 173/176 (run 3; the 3 failures "
     "are dB at M=1, bf16, dropout, deterministic: 1.0e-2 vs a 2x-torch bound of 6.6e-3, all policies alike); "
-    "pipelined not yet under compute-sanitizer"
+    "pipelined not yet under compute-sanitizer. Changed since, not yet run on a GPU: the backward rounds XA to the "
+    "activation dtype before the dB product (the precision contract; the suspected cause of those 3 failures)"
 )
 
 BUILD_HINT = (
