@@ -90,17 +90,22 @@ def _compile_all(capability: int) -> dict:
     return {"fwd_shared": fwd.metadata.shared, "bwd_shared": bwd.metadata.shared}
 
 
-@pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
-def test_kernels_compile_for_gpu(capability):
+def _compiled(call: str) -> dict:
+    """Run ``t.<call>`` of this module in a fresh interpreter without TRITON_INTERPRET (the real compiler) and
+    return the JSON it prints."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
-        "import json, sys; sys.path.insert(0, 'tests'); import test_triton_compile as t; "
-        f"print(json.dumps(t._compile_all({capability})))"
+        f"import json, sys; sys.path.insert(0, 'tests'); import test_triton_compile as t; print(json.dumps(t.{call}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
+def test_kernels_compile_for_gpu(capability):
+    info = _compiled(f"_compile_all({capability})")
     # One pipeline stage: fwd x [128, 64] + w [64, 128] bf16 + A [64, 16] fp32 = 36 KB, bwd g [128, 64] +
     # w [64, 128] bf16 + B [64, 16] fp32 = 36 KB. At least two stages resident = the main loops are multi-buffered
     # (measured: sm90 fwd 106 KB, bwd 110 KB; sm80 fwd 88 KB, bwd 76 KB).
@@ -143,15 +148,7 @@ def test_default_tiles_fit_shared_memory(capability):
     """The default tile of each kernel, as chosen for the device's shared memory, fits it (ptxas's count), so the
     first launch cannot fail with OutOfResources: on sm_89 (99 KB) the sm_90/sm_80 tables' 3-stage tiles would
     not (configs.fit_shared_memory), and sm_90's split-plan GEMM tile (128 x 256, 4 stages) is the largest."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (
-        "import json, sys; sys.path.insert(0, 'tests'); import test_triton_compile as t; "
-        f"print(json.dumps(t._compile_defaults({capability})))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = _compiled(f"_compile_defaults({capability})")
     for kind, (shared, cfg) in info.items():
         assert shared <= MAX_SHARED[capability], (kind, cfg, shared)
         assert cfg[5] >= 2, (kind, cfg)  # still multi-buffered
