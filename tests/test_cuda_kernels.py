@@ -11,9 +11,18 @@ Skips are distinct: no GPU / GPU older than sm_80 / extension not built.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from helpers import assert_close_to_oracle, requires_cuda, requires_native, requires_sm
+from helpers import (
+    check_backend_against_oracle,
+    make_lora_inputs,
+    requires_cuda,
+    requires_native,
+    requires_sm,
+    run_lora,
+)
 
 import lora_kernels
 from lora_kernels import _rng
@@ -25,55 +34,9 @@ DEV = "cuda"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def make_inputs(m, k, n, r, dtype, adapter_dtype=None, bias=True, lead=None, seed=0):
-    """x [*lead, k] (lead defaults to (m,)), base layer, adapters with a non-zero B (so the LoRA term counts)."""
-    g = torch.Generator().manual_seed(seed)
-    lead = (m,) if lead is None else lead
-    adapter_dtype = adapter_dtype or dtype
-
-    def rnd(*shape, std=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * std).to(device=DEV, dtype=dt)
-
-    x = rnd(*lead, k)
-    w = rnd(n, k, std=k**-0.5)
-    b = rnd(n, std=0.1) if bias else None
-    a = rnd(r, k, std=k**-0.5, dt=adapter_dtype)
-    bb = rnd(n, r, std=r**-0.5, dt=adapter_dtype)
-    return x, w, b, a, bb
-
-
-def run(backend, x, w, b, a, bb, scale=2.0, p=0.0, seed=7, grads=("x", "b", "A", "B"), g=None, **kw):
-    """Forward + backward through lora_linear; {name: tensor} for y and each requested gradient."""
-    x = x.detach().requires_grad_("x" in grads)
-    w = w.detach().requires_grad_("W" in grads)
-    b = None if b is None else b.detach().requires_grad_("b" in grads)
-    a = a.detach().requires_grad_("A" in grads)
-    bb = bb.detach().requires_grad_("B" in grads)
-    y = lora_linear(x, w, b, a, bb, scale, p, seed=seed, backend=backend, **kw)
-    out = {"y": y.detach()}
-    inputs = {"x": x, "W": w, "b": b, "A": a, "B": bb}
-    wanted = [nm for nm in grads if inputs[nm] is not None]
-    if wanted:
-        gy = g if g is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-        res = torch.autograd.grad(y, [inputs[nm] for nm in wanted], gy.to(y.dtype))
-        out.update({"d" + nm: t for nm, t in zip(wanted, res)})
-    return out
-
-
-def check_against_oracle(x, w, b, a, bb, atol_rel=1e-6, g=None, **kw):
-    """The cuda result vs the fp64 torch evaluation, bound from torch's own error in the same dtypes."""
-    if g is None:
-        gen = torch.Generator().manual_seed(1)
-        g = torch.randn((*x.shape[:-1], w.shape[0]), generator=gen).to(device=x.device, dtype=x.dtype)
-    cu = run("cuda", x, w, b, a, bb, g=g, **kw)
-    ref = run("torch", *(t.double() if t is not None else None for t in (x, w, b, a, bb)), g=g.double(), **kw)
-    tor = run("torch", x, w, b, a, bb, g=g, **kw)
-    assert cu.keys() == ref.keys()
-    for name in cu:
-        assert cu[name].dtype == tor[name].dtype and cu[name].shape == tor[name].shape, name
-        atol = atol_rel * max(ref[name].abs().max().item() if ref[name].numel() else 0.0, 1.0)
-        assert_close_to_oracle(cu[name], ref[name], tor[name], name, atol=atol)
-    return cu
+make_inputs = functools.partial(make_lora_inputs, device=DEV)
+run = run_lora
+check_against_oracle = functools.partial(check_backend_against_oracle, "cuda")
 
 
 def cuda_kernels(fn) -> list[str]:

@@ -12,6 +12,7 @@ CPU run sees GPU-like rounding, not a loosened bound.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import math
@@ -19,7 +20,15 @@ import os
 
 import pytest
 import torch
-from helpers import HAS_CUDA, assert_close_to_oracle, requires_cuda, requires_triton
+from helpers import (
+    HAS_CUDA,
+    assert_close_to_oracle,
+    check_backend_against_oracle,
+    make_lora_inputs,
+    requires_cuda,
+    requires_triton,
+    run_lora,
+)
 
 from lora_kernels import _rng
 from lora_kernels.functional import lora_linear
@@ -56,57 +65,9 @@ def test_interpreter_numpy_compatible():
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def make_inputs(m, k, n, r, dtype, adapter_dtype=None, bias=True, device=DEVICE, lead=None, seed=0):
-    """x [*lead, k] (lead defaults to (m,)), base layer, adapters; fp32-scale values typical of a LoRA layer."""
-    g = torch.Generator().manual_seed(seed)
-    lead = (m,) if lead is None else lead
-    adapter_dtype = adapter_dtype or dtype
-
-    def rnd(*shape, std=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt)
-
-    x = rnd(*lead, k)
-    w = rnd(n, k, std=k**-0.5)
-    b = rnd(n, std=0.1) if bias else None
-    a = rnd(r, k, std=k**-0.5, dt=adapter_dtype)
-    bb = rnd(n, r, std=r**-0.5, dt=adapter_dtype)
-    return x, w, b, a, bb
-
-
-def run(backend, x, w, b, a, bb, scale=2.0, p=0.0, seed=7, grads=("x", "b", "A", "B", "R"), g=None, rm=None, **kw):
-    """Forward + backward through lora_linear (``rm``: lora_R); returns {name: tensor} for y and each gradient."""
-    x = x.detach().requires_grad_("x" in grads)
-    w = w.detach().requires_grad_("W" in grads)
-    b = None if b is None else b.detach().requires_grad_("b" in grads)
-    a = a.detach().requires_grad_("A" in grads)
-    bb = bb.detach().requires_grad_("B" in grads)
-    rm = None if rm is None else rm.detach().requires_grad_("R" in grads)
-    y = lora_linear(x, w, b, a, bb, scale, p, seed=seed, backend=backend, lora_R=rm, **kw)
-    out = {"y": y.detach()}
-    inputs = {"x": x, "W": w, "b": b, "A": a, "B": bb, "R": rm}
-    wanted = [nm for nm in grads if inputs[nm] is not None]
-    if wanted:
-        gy = g if g is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-        res = torch.autograd.grad(y, [inputs[nm] for nm in wanted], gy.to(y.dtype))
-        out.update({"d" + nm: t for nm, t in zip(wanted, res)})
-    return out
-
-
-def check_against_oracle(x, w, b, a, bb, atol_rel=1e-6, rm=None, g=None, **kw):
-    """The triton result vs the fp64 torch evaluation, bound from torch's own error in the same dtypes."""
-    if g is None:
-        gen = torch.Generator().manual_seed(1)
-        g = torch.randn((*x.shape[:-1], w.shape[0]), generator=gen).to(device=x.device, dtype=x.dtype)
-    tri = run("triton", x, w, b, a, bb, g=g, rm=rm, **kw)
-    rm64 = None if rm is None else rm.double()
-    ref = run("torch", *(t.double() if t is not None else None for t in (x, w, b, a, bb)), g=g.double(), rm=rm64, **kw)
-    tor = run("torch", x, w, b, a, bb, g=g, rm=rm, **kw)
-    assert tri.keys() == ref.keys()
-    for name in tri:
-        assert tri[name].dtype == tor[name].dtype and tri[name].shape == tor[name].shape, name
-        atol = atol_rel * max(ref[name].abs().max().item() if ref[name].numel() else 0.0, 1.0)
-        assert_close_to_oracle(tri[name], ref[name], tor[name], name, atol=atol)
-    return tri
+make_inputs = functools.partial(make_lora_inputs, device=DEVICE)
+run = run_lora
+check_against_oracle = functools.partial(check_backend_against_oracle, "triton")
 
 
 # ---------------------------------------------------------------------------------------------- CPU / interpreter
