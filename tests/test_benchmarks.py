@@ -198,7 +198,8 @@ def test_device_check_dry_run(tmp_path):
     """The GPU lease's script runs end to end on CPU (build and GPU tests are left to the full dry run)."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     env["DC_BENCH_ARGS"] = "--providers base,torch,cuda --M 4 --dropout 0.1 --dtype fp32"
-    cmd = ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--cpu-dry-run", "--steps", "info,sanitize,bench"]
+    steps = "info,sanitize,bench,bisect"
+    cmd = ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--cpu-dry-run", "--steps", steps]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -211,6 +212,10 @@ def test_device_check_dry_run(tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["bench.csv", "bench.md", "bench.png", "device_check.log"]
     assert "DEVICE CHECK PASSED" in stdout
+    # the unaligned-bug bisection ran every trial (under the interpreter they all pass: the bug is GPU-only)
+    results = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert len(results) == 16 and all(ln.split()[3] == "ok" for ln in results if "ptxas" not in ln), results
+    assert "gpu_unaligned_bisect: 16 trials, 0 not ok" in stdout
     table_last = (tmp_path / "out" / "bench.md").read_text().rstrip().splitlines()[-1]
     assert stdout.rstrip().splitlines()[-1] == table_last  # the table is printed last
 
