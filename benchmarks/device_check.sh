@@ -12,16 +12,18 @@
 #   sanitize  compute-sanitizer memcheck + racecheck on csrc/sanitize_check.py, if both exist -> $OUT/sanitizer.log
 #   bench     python3 -m benchmarks.bench_lora --preset gpu-headline (correctness cross-check inside)
 #                                                                  -> $OUT/bench.csv, bench.md, bench.png
+#   memscale  benchmarks/memory_scale.py --gpu, headline pair first (ours ckpt+chunked CE vs HF Trainer+peft+ckpt,
+#             ~1.1B Llama, bf16, 4 x 2048)                         -> $OUT/memory_scale.csv (table in the log)
 #   bisect    benchmarks/gpu_unaligned_bisect.py: which kernel / tile / stride property triggers the Triton
 #             unaligned 16-bit bug (one RESULT line per trial, in device_check.log; informational, never a FAIL)
 # Files under $OUT (at most 8 come back): device_check.log build.log gpu_tests.log sanitizer.log bench.csv
-# bench.md bench.png. The benchmark's markdown table is printed LAST. Exit status: 0 only if the build (when
+# bench.md bench.png memory_scale.csv. The benchmark's markdown table is printed LAST. Exit status: 0 only if the build (when
 # there is one), the GPU tests and the benchmark's correctness cross-check all passed.
 #
-# Options: --steps info,build,tests,sanitize,bench,bisect (a subset, in this order)   --cpu-dry-run
+# Options: --steps info,build,tests,sanitize,bench,memscale,bisect (a subset, in this order)   --cpu-dry-run
 # Environment: OUT (default: a new temp dir), PYTHON (default python3, or the first python that imports torch),
 #   DC_BUDGET_S (total seconds, default 450; dry run 900), DC_BUILD_S (default 180; dry run 480) / DC_TESTS_S /
-#   DC_SANITIZE_S / DC_BENCH_S / DC_BISECT_S (per-step caps),
+#   DC_SANITIZE_S / DC_BENCH_S / DC_MEMSCALE_S / DC_BISECT_S (per-step caps),
 #   DC_TEST_TIMEOUT (per test, default 90), BENCH_GIT_COMMIT (commit recorded in the CSV when .git is absent),
 #   DC_BENCH_ARGS (extra bench_lora arguments, word-split, e.g. "--providers base,torch,triton").
 set -u -o pipefail
@@ -29,13 +31,13 @@ set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 DRY=0
-STEPS="info,build,tests,sanitize,bench,bisect"
+STEPS="info,build,tests,sanitize,bench,memscale,bisect"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
     --steps) STEPS="$2"; shift ;;
     --steps=*) STEPS="${1#--steps=}" ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -228,6 +230,16 @@ EOF
       log "!!!!!!!! BENCHMARK FAILED (rc=$STEP_RC): correctness mismatch, crash or timeout (see above)"
       FAILS+=("bench: rc=$STEP_RC (correctness mismatch, crash or timeout)")
     fi
+  fi
+
+  if want memscale; then
+    local to margs=(--gpu)
+    to=$(step_timeout "${DC_MEMSCALE_S:-120}" 40)
+    [ "$DRY" = 1 ] && margs=(--dry-run --configs ours-both,hf-peft-ckpt)
+    rm -f "$OUT/memory_scale.csv"
+    run_step memscale "$to" - "$PY" benchmarks/memory_scale.py "${margs[@]}" --out "$OUT/memory_scale.csv"
+    rm -f "$OUT/memory_scale.md"  # the same table is in this log; the 8-file limit on what comes back
+    [ "$STEP_RC" -eq 0 ] || WARNS+=("memscale: rc=$STEP_RC (see its lines above)")
   fi
 
   if want bisect; then

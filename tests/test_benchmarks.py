@@ -198,7 +198,7 @@ def test_device_check_dry_run(tmp_path):
     """The GPU lease's script runs end to end on CPU (build and GPU tests are left to the full dry run)."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     env["DC_BENCH_ARGS"] = "--providers base,torch,cuda --M 4 --dropout 0.1 --dtype fp32"
-    steps = "info,sanitize,bench,bisect"
+    steps = "info,sanitize,bench,memscale,bisect"
     cmd = ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--cpu-dry-run", "--steps", steps]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
@@ -210,7 +210,9 @@ def test_device_check_dry_run(tmp_path):
             proc.communicate()
     assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["bench.csv", "bench.md", "bench.png", "device_check.log"]
+    assert files == ["bench.csv", "bench.md", "bench.png", "device_check.log", "memory_scale.csv"]
+    rows = list(csv.DictReader((tmp_path / "out" / "memory_scale.csv").open()))
+    assert [r["config"] for r in rows] == ["ours-both", "hf-peft-ckpt"]
     assert "DEVICE CHECK PASSED" in stdout
     # the unaligned-bug bisection ran every trial (under the interpreter they all pass: the bug is GPU-only)
     results = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
