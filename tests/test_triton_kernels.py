@@ -721,17 +721,25 @@ def test_gpu_tile_configs_compile(monkeypatch):
     tor = run("torch", x, w, b, a, bb)
     cap = torch.cuda.get_device_capability()
     table = configs.candidates
-    for kind in ("fwd", "bwd"):
-        for m in (16, 300):
-            for cfg in table(kind, m, 16, "bfloat16", cap)[1:]:
-                configs._cache.clear()
-                monkeypatch.setattr(
-                    configs, "candidates", lambda k, *args, cfg=cfg, kind=kind: [cfg] if k == kind else table(k, *args)
-                )
-                tri = run("triton", x, w, b, a, bb)
-                for name in tri:
-                    assert_close_to_oracle(tri[name], ref[name], tor[name], f"{kind} {cfg} {name}", atol=1e-5)
-    configs._cache.clear()
+    # the fused forward's rows ("fwd") under the fused plan, the split plan's own rows under the split plan
+    plans = {"fwd": "fused", "fwd_gemm": "split", "fwd_xa": "split", "bwd": None}
+    try:
+        for kind, plan in plans.items():
+            lk_launch.set_forward_plan(plan)
+            for m in (16, 300):
+                for cfg in table(kind, m, 16, "bfloat16", cap)[1:]:
+                    configs._cache.clear()
+                    monkeypatch.setattr(
+                        configs,
+                        "candidates",
+                        lambda k, *args, cfg=cfg, kind=kind: [cfg] if k == kind else table(k, *args),
+                    )
+                    tri = run("triton", x, w, b, a, bb)
+                    for name in tri:
+                        assert_close_to_oracle(tri[name], ref[name], tor[name], f"{kind} {cfg} {name}", atol=1e-5)
+    finally:
+        lk_launch.set_forward_plan(None)
+        configs._cache.clear()
 
 
 @pytest.mark.gpu
