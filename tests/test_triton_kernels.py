@@ -498,6 +498,26 @@ def test_sm90_tiles_on_tails_in_bounds(dtype, adapter_dtype, layout, r):
         check_against_oracle(x, w, None, a, bb, grads=("A", "B"), p=0.1, deterministic=True)
 
 
+@needs_runnable
+@interpreter_only
+def test_split_plan_tiles_on_tails_in_bounds():
+    """The split plan's own sm_90 defaults (GEMM launch 128x256x64, XA launch 64x16x64: configs._SM90 "fwd_gemm" /
+    "fwd_xa") on shapes with a tail in every dim (M % 128, N % 256, K % 64 != 0), dropout on, every access
+    bounds-checked, against the fp64 oracle."""
+    from lora_kernels.triton import configs
+
+    gemm = configs.candidates("fwd_gemm", 8192, 16, "bfloat16", (9, 0))[0]
+    xa = configs.candidates("fwd_xa", 8192, 16, "bfloat16", (9, 0))[0]
+    assert gemm[:3] == (128, 256, 64) and xa[:3] == (64, 16, 64), (gemm, xa)
+    x, w, b, a, bb = make_inputs(131, 133, 270, 16, torch.bfloat16, adapter_dtype=torch.float32)
+    lk_launch.set_forward_plan("split")
+    try:
+        with configs.override(fwd1=gemm, fwd2=xa), address_sanitizer():
+            check_against_oracle(x, w, b, a, bb, p=0.1)
+    finally:
+        lk_launch.set_forward_plan(None)
+
+
 def test_unaligned_operands_use_four_warp_tiles():
     """GPU run 1's two failures both ran operands whose strides Triton could not mark divisible by 16 (K=1111,
     N=555; N=700) through 8-warp BM=128 tiles; such launches now get 4-warp BM <= 64 tiles (configs.py)."""
