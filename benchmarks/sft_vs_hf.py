@@ -43,11 +43,11 @@ def _rows_in_step_order(args, tokenizer):
     """The exact rows our loop trains on, in its step order (so HF sees the same batches)."""
     from lora_kernels.sft.config import build_config
     from lora_kernels.sft.data import prepare_data
-    from lora_kernels.sft.train import StepSampler
+    from lora_kernels.sft.train import StepSampler, row_lengths
 
     cfg = build_config(overrides=_sft_overrides(args))
     data = prepare_data(cfg, tokenizer, log=lambda *_: None)
-    sampler = StepSampler(len(data.train_rows), args.batch_size, cfg.seed)
+    sampler = StepSampler(len(data.train_rows), args.batch_size, cfg.seed, row_lengths(data, cfg))
     rows = []
     for step in range(args.steps):
         rows += [data.train_rows[i][0] for i in sampler.rows(step)[1]]

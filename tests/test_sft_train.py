@@ -230,3 +230,41 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_left_untouched(tmp_path
     # the older good checkpoint still resumes
     s = _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume=str(ckpts[0][1]))
     assert s["resumed_from_step"] == 2
+
+
+def test_step_sampler_grouping_by_length():
+    """StepSampler with lengths: each epoch still visits every row of its full steps exactly once, the rows of a
+    step depend only on (seed, step, rows_per_step) (so resume and k x b accumulation see the same rows), the
+    step order is shuffled, and steps pad far less than without grouping."""
+    from lora_kernels.sft.train import StepSampler
+
+    gen = torch.Generator().manual_seed(0)
+    n, per_step = 803, 8
+    lengths = torch.randint(5, 250, (n,), generator=gen).tolist()
+
+    def padded(sampler, steps):
+        real = pad = 0
+        for s in range(steps):
+            ls = [lengths[i] for i in sampler.rows(s)[1]]
+            real, pad = real + sum(ls), pad + max(ls) * len(ls)
+        return pad / real
+
+    grouped = StepSampler(n, per_step, seed=3, lengths=lengths)
+    plain = StepSampler(n, per_step, seed=3)
+    epoch_steps = grouped.steps_per_epoch
+    assert epoch_steps == n // per_step == 100
+    for epoch in (0, 1):
+        seen = [i for s in range(epoch * epoch_steps, (epoch + 1) * epoch_steps) for i in grouped.rows(s)[1]]
+        assert len(seen) == len(set(seen)) == epoch_steps * per_step
+        assert all(grouped.rows(s)[0] == epoch for s in range(epoch * epoch_steps, (epoch + 1) * epoch_steps))
+    # a pure function of (seed, step): a fresh sampler (a resumed run) gives the same rows, in any query order
+    again = StepSampler(n, per_step, seed=3, lengths=lengths)
+    for s in (150, 7, 99, 100, 0):
+        assert again.rows(s) == grouped.rows(s)
+    assert StepSampler(n, per_step, seed=4, lengths=lengths).rows(0) != grouped.rows(0)
+    # steps are not visited longest-first: the order of steps is shuffled
+    firsts = [max(lengths[i] for i in grouped.rows(s)[1]) for s in range(epoch_steps)]
+    assert firsts != sorted(firsts, reverse=True) and firsts != sorted(firsts)
+    assert padded(grouped, epoch_steps) < 1.2 < 1.5 < padded(plain, epoch_steps)
+    with pytest.raises(ValueError, match="lengths"):
+        StepSampler(n, per_step, seed=3, lengths=lengths[:-1])

@@ -54,6 +54,7 @@ class SFTConfig:
     max_examples: int | None = None  # keep the first N examples after the seeded shuffle (None = all)
     max_len: int = 256  # tokens per training row (examples longer than this are truncated and counted)
     packing: bool = False  # concatenate examples into rows of max_len (position ids restart per example)
+    group_by_length: bool = True  # steps of similar-length rows (less padding); still a pure function of (seed, step)
     eval_size: int = 96  # held-out examples (taken after the seeded shuffle); 0 = no eval
     system_prompt: str | None = None  # prepended as a system turn when an example has none (None = template default)
     # -- optimisation -------------------------------------------------------------------------------------------
@@ -343,6 +344,7 @@ RESUME_INVARIANT = (
     "max_examples",
     "max_len",
     "packing",
+    "group_by_length",
     "eval_size",
     "system_prompt",
     "max_steps",

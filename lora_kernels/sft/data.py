@@ -19,9 +19,8 @@ Pipeline (each stage deterministic given the seed)::
                         rows get a 4-D additive block-diagonal causal mask ``[B, 1, T, T]`` (0 = attend,
                         finfo.min = blocked), which transformers' Llama (eager and SDPA, CPU and GPU) takes as is;
                         unpacked rows get the usual 2-D padding mask.
-    RowSampler          epoch e visits rows in ``torch.randperm(n, generator=seed + e)`` order; the position in the
-                        stream is a pure function of the number of micro-batches consumed, which is what a
-                        checkpoint stores for exact resume.
+    (sampling)          lora_kernels.sft.train.StepSampler: the rows of optimizer step s are a pure function of
+                        (seed, s), which is what a checkpoint stores for exact resume; optionally grouped by length.
 """
 
 from __future__ import annotations
@@ -414,25 +413,3 @@ def packed_mask_kind(model) -> str:
         f"packing needs a 4-D attention mask, which attn_implementation={impl!r} does not take; "
         "load the model with attn_implementation='sdpa' or 'eager', or set packing: false"
     )
-
-
-class RowSampler:
-    """Deterministic epoch-wise shuffled micro-batches of row indices.
-
-    Micro-batch ``i`` of the whole run (0-based) is a pure function of ``(seed, i)``: epoch ``i // per_epoch`` uses
-    ``torch.randperm(n_rows)`` from a generator seeded with ``seed + epoch``; incomplete tail batches are dropped
-    so every optimizer step sees the same number of rows.
-    """
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int):
-        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
-        self.per_epoch = n_rows // batch_size
-        self._epoch, self._perm = None, None
-
-    def batch(self, i: int) -> list[int]:
-        epoch, j = divmod(i, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = torch.randperm(self.n_rows, generator=g).tolist()
-            self._epoch = epoch
-        return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
