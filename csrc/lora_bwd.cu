@@ -204,7 +204,7 @@ __device__ __forceinline__ void bwd_epilogue(const BwdParams& p, const BwdWs& W,
     for (int t = 0; t < V; ++t) {
       float v = to_f32(xv.v[t]);
       if (p.drop.enabled)
-        v = (m < M && k + t < K && dropout_keep(p.drop, m, k + t, K)) ? to_f32(from_f32<T>(v * p.drop.inv_keep)) : 0.0f;
+        v = (m < M && k + t < K && dropout_keep(p.drop, m, k + t, K)) ? operand_round<T>(v * p.drop.inv_keep) : 0.0f;
       Xd[i * LDC + kk + t] = v;
     }
   }

@@ -166,6 +166,19 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 
 }  // namespace lora
 
+// The cases of the 16-bit activation dtypes, shared by the two dispatch switches below.
+#define LORA_CASES_16BIT(T, ...)                                                                   \
+  case ::lora::kFloat16: {                                                                         \
+    using T = __half;                                                                              \
+    __VA_ARGS__;                                                                                   \
+    break;                                                                                         \
+  }                                                                                                \
+  case ::lora::kBFloat16: {                                                                        \
+    using T = __nv_bfloat16;                                                                       \
+    __VA_ARGS__;                                                                                   \
+    break;                                                                                         \
+  }
+
 // One template instance per activation dtype; everything else (adapter dtype, bias, dropout, rank) is a run-time
 // argument. Three instances per kernel keep the two-arch build well under a minute per translation unit.
 #define LORA_DISPATCH_ACT_DTYPE(code, T, ...)                                                      \
@@ -175,16 +188,7 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
       __VA_ARGS__;                                                                                 \
       break;                                                                                       \
     }                                                                                              \
-    case ::lora::kFloat16: {                                                                       \
-      using T = __half;                                                                            \
-      __VA_ARGS__;                                                                                 \
-      break;                                                                                       \
-    }                                                                                              \
-    case ::lora::kBFloat16: {                                                                      \
-      using T = __nv_bfloat16;                                                                     \
-      __VA_ARGS__;                                                                                 \
-      break;                                                                                       \
-    }                                                                                              \
+    LORA_CASES_16BIT(T, __VA_ARGS__)                                                               \
     default:                                                                                       \
       throw std::invalid_argument("lora_kernels._C: unknown activation dtype code " + std::to_string(code)); \
   }
@@ -192,16 +196,7 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 // The 16-bit activation dtypes only (the pipelined kernels: tensor-core operands through ldmatrix).
 #define LORA_DISPATCH_ACT_DTYPE_16(code, T, ...)                                                   \
   switch (code) {                                                                                  \
-    case ::lora::kFloat16: {                                                                       \
-      using T = __half;                                                                            \
-      __VA_ARGS__;                                                                                 \
-      break;                                                                                       \
-    }                                                                                              \
-    case ::lora::kBFloat16: {                                                                      \
-      using T = __nv_bfloat16;                                                                     \
-      __VA_ARGS__;                                                                                 \
-      break;                                                                                       \
-    }                                                                                              \
+    LORA_CASES_16BIT(T, __VA_ARGS__)                                                               \
     default:                                                                                       \
       throw std::invalid_argument("lora_kernels._C: no 16-bit kernel for dtype code " + std::to_string(code)); \
   }

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from lora_kernels.functional import lora_linear
+from lora_kernels.testing import oracle_check
 
 
 def run(backend, x, w, b, a, bb, g, **kw):
@@ -64,10 +65,7 @@ def main() -> int:
                 ref = run("torch", *(t.double() for t in (x, w, b, a, bb)), g.double())
                 torch.cuda.synchronize()
                 for name in cu:
-                    err = (cu[name].double() - ref[name]).abs().max().item()
-                    base = (to[name].double() - ref[name]).abs().max().item()
-                    tol = 2 * base + 1e-6 * max(ref[name].abs().max().item(), 1.0)
-                    ok = err <= tol and not torch.isnan(cu[name]).any()
+                    ok, err, tol = oracle_check(cu[name], ref[name], to[name])
                     failures += not ok
                     tag = "ok  " if ok else "FAIL"
                     print(

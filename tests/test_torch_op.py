@@ -358,3 +358,21 @@ def test_auto_order_on_gpu_follows_the_measurements():
     assert _auto_order("cuda", (big, LoRAOpts(1.0, dropout_p=0.1)))[0] == "triton"
     assert _auto_order("cuda", (small, LoRAOpts(1.0)))[0] == "triton"
     assert _auto_order("cpu", (big, LoRAOpts(1.0))) == ("torch",)
+
+
+def test_oracle_check_rule():
+    """lora_kernels.testing (the GPU scripts' tolerance): 2x torch's own error + 1e-6 relative; a result off by
+    more, or holding a NaN, fails; empty tensors pass."""
+    from lora_kernels.testing import oracle_check
+
+    ref = torch.randn(64, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch_out = ref.bfloat16().float()
+    ok, err, tol = oracle_check(ref.float(), ref, torch_out)
+    assert ok and err < tol
+    bad = torch_out.clone()
+    bad[3, 4] += 4 * tol
+    assert not oracle_check(bad, ref, torch_out)[0]
+    nan = ref.float().clone()
+    nan[0, 0] = float("nan")
+    assert not oracle_check(nan, ref, torch_out)[0]
+    assert oracle_check(torch.empty(0), torch.empty(0, dtype=torch.float64), torch.empty(0))[0]

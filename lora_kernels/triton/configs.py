@@ -78,6 +78,12 @@ _SM90[("fwd_gemm", "large")] = [
 _SM90[("fwd_xa", "large")] = [(64, 16, 64, 8, 4, 4), (128, 16, 64, 8, 8, 4), (128, 16, 64, 8, 8, 3)]
 
 
+def _base_kind(kind: str) -> str:
+    """The table a kind falls back to: the split plan's ``fwd_gemm`` / ``fwd_xa`` use the fused ``fwd`` rows where
+    they have none of their own."""
+    return "fwd" if kind.startswith("fwd") else kind
+
+
 def _dedupe(rows: list[Config]) -> list[Config]:
     return list(dict.fromkeys(rows))
 
@@ -156,7 +162,7 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
     kind for M > 64 and 8 for M <= 64 (decode is host-bound: GPU run 1 measured 0.202 ms for a 0.019 ms GEMM):
     each candidate is one compile (~1-3 s) per key.
     """
-    base = "fwd" if kind.startswith("fwd") else kind
+    base = _base_kind(kind)
     default = _SM90.get((kind, size)) or _SM90[(base, size)]
     if size == "small":
         bms, bns, bks = (16, 32, 64), (64, 128), (128, 256)
@@ -231,7 +237,7 @@ def candidates(
     ``fwd_xa`` then with BLOCK_N fixed to 16), ``bwd``. ``max_shared``: the device's shared memory per block
     (:func:`fit_shared_memory`)."""
     size = "small" if m <= 64 else "large"
-    base = "fwd" if kind.startswith("fwd") else kind
+    base = _base_kind(kind)
     if dtype_name in ("float32", "float64"):
         rows = _FP32[(base, size)]
     elif not aligned:
