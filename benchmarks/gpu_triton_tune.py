@@ -164,6 +164,7 @@ def main() -> int:
             t_base = do_bench(lambda: torch.nn.functional.linear(x, w), warmup=10, rep=50)
             t_fused = do_bench(fwd("fused"), warmup=10, rep=50)
             t_split = do_bench(fwd("split"), warmup=10, rep=50)
+            t_library = do_bench(fwd("library"), warmup=10, rep=50)
             t_auto = do_bench(fwd(None), warmup=10, rep=50)
         xg, ag, bg = x.detach().requires_grad_(), a.detach().requires_grad_(), b.detach().requires_grad_()
         y = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton")
@@ -171,14 +172,14 @@ def main() -> int:
         t_base_bwd = do_bench(lambda: torch.mm(g, w), warmup=10, rep=50)  # frozen base layer: dX = G W
         print(
             f"M={m} p={p}: fwd base {t_base:.4f} | fused {t_fused:.4f} (x{t_fused / t_base:.2f}) | split {t_split:.4f} "
-            f"(x{t_split / t_base:.2f}) | auto ({lkt.launch.resolve_plan('auto', m, p)}) {t_auto:.4f} ms; "
+            f"(x{t_split / t_base:.2f}) | library {t_library:.4f} (x{t_library / t_base:.2f}) | auto ({lkt.launch.resolve_plan('auto', m, p)}) {t_auto:.4f} ms; "
             f"bwd triton {t_bwd:.4f} (x{t_bwd / t_base_bwd:.2f}) vs base G W {t_base_bwd:.4f} ms"
         )
 
         # 3. correctness vs the torch backend, fp64 oracle
         ref = run("torch", x.double(), w.double(), a.double(), b.double(), g.double(), p)
         tor = run("torch", x, w, a, b, g, p)
-        for plan in ("fused", "split"):
+        for plan in ("fused", "split", "library"):
             tri = run("triton", x, w, a, b, g, p, plan=plan)
             for name in tri:
                 ok, err, tol = oracle_check(tri[name], ref[name], tor[name])
@@ -187,7 +188,7 @@ def main() -> int:
                     failures.append(
                         f"M={m} p={p} {plan} {name}: err {err:.3e} > tol {tol:.3e} (2 x torch {base:.3e} + atol)"
                     )
-                print(f"  check {plan:5s} {name:3s} err {err:.3e} torch {base:.3e} {'ok' if ok else 'MISMATCH'}")
+                print(f"  check {plan:7s} {name:3s} err {err:.3e} torch {base:.3e} {'ok' if ok else 'MISMATCH'}")
 
     for m, p in cases:
         one_case(m, p)
@@ -207,13 +208,13 @@ def main() -> int:
             with torch.no_grad():
                 t_f = do_bench(lambda: run("triton", x, w, a, b, g, 0.0, plan="fused", grads=False), warmup=10, rep=50)
                 t_s = do_bench(lambda: run("triton", x, w, a, b, g, 0.0, plan="split", grads=False), warmup=10, rep=50)
-            print(f"M={big} p=0, tuned tiles: fused {t_f:.4f} ms, split {t_s:.4f} ms (auto uses split for M > 64)")
+            print(f"M={big} p=0, tuned tiles: fused {t_f:.4f} ms, split {t_s:.4f} ms (auto uses library for M > 64)")
         else:
             not_tuned.append(f"fused forward M={big} p=0 (compared on default tiles only)")
 
     print(
         "\nwinners, for lora_kernels/triton/configs.py (_SM90 rows, first entry = default; fwd0 -> ('fwd', size),"
-        " fwd1 -> ('fwd_gemm', size), fwd2 -> ('fwd_xa', size), bwd -> ('bwd', size)):"
+        " fwd1 -> ('fwd_gemm', size), fwd2 / gb -> ('fwd_xa', size), bwd -> ('bwd', size), bwd_epi -> ('bwd_epi', size)):"
     )
     print("\n".join(rows) if rows else "    (nothing tuned)")
     if not_tuned:

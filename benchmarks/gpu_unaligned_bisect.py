@@ -5,7 +5,7 @@ fp16 M777 K1111 -> N555 r3 (wrong dX, max error ~15-20) and bf16 [4, 333, 1000] 
 grads of A and B only, deterministic (illegal address). The interpreter runs both correctly and in bounds, so the
 question is which kernel, and what about the compiled launch, triggers it. Each trial below changes one thing:
 
-    default      the launch as `auto` would run it with LORA_KERNELS_TRITON_ALLOW_UNALIGNED=1 (expected to fail)
+    default      the launch as `auto` runs it (since run 4: 32 x 32 x 32 tiles for unaligned 16-bit launches)
     fwd-only     only the forward (no grad): forward kernel(s) alone
     stages1      every kernel single-stage (no software pipelining of the element-wise loads)
     tile32       32 x 32 x 32 tiles, 4 warps, 1 stage: mma.sync-sized, no 64-row wgmma
@@ -116,7 +116,7 @@ def run_trial(case: str, trial: str, spec, device: str) -> str:
     fwd_only = trial == "fwd-only"
     plan = None  # the auto plan, except in "other-plan": the one auto would not pick for these rows
     if trial == "other-plan":
-        plan = "fused" if x.numel() // k >= launch.AUTO_SPLIT_MIN_M else "split"
+        plan = "fused" if x.numel() // k >= launch.AUTO_LIBRARY_MIN_M else "split"
     tiles = TILES.get(trial, {})
     launch.set_forward_plan(plan)
     try:
@@ -178,7 +178,7 @@ def main() -> int:
     if args.child is not None:
         child(cases, args.child, device, args.only)
         return 0
-    env = dict(os.environ, LORA_KERNELS_TRITON_ALLOW_UNALIGNED="1", CUDA_LAUNCH_BLOCKING="1")
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
     total = len(cases) * len(TRIALS)

@@ -75,7 +75,9 @@ def _compile_all(capability: int) -> dict:
     from lora_kernels.triton.forward import lora_fwd_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
-    f32 = {n: "*fp32" for n in ("a_ptr", "b_ptr", "rm_ptr", "xa_ptr", "da_ptr", "db_ptr", "dbias_ptr", "drm_ptr")}
+    f32 = {
+        n: "*fp32" for n in ("a_ptr", "b_ptr", "rm_ptr", "xa_ptr", "gb_ptr", "da_ptr", "db_ptr", "dbias_ptr", "drm_ptr")
+    }
     common = dict(HAS_DROPOUT=True, HAS_R=True, R_PAD=16, IEEE=False, INTERPRET=False, GROUP_M=8)
     fwd = compile_for(
         lora_fwd_kernel, {**act, **f32}, dict(common, HAS_BIAS=True, XA_MODE=0, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
@@ -84,7 +86,7 @@ def _compile_all(capability: int) -> dict:
     bwd = compile_for(
         lora_bwd_kernel, {**act, **f32},
         dict(common, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, NEED_DR=True, DETERMINISTIC=False,
-             BLOCK_M=128, BLOCK_N=64, BLOCK_K=128),
+             PRE_GW=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128),
         capability, 8, 3,
     )  # fmt: skip
     return {"fwd_shared": fwd.metadata.shared, "bwd_shared": bwd.metadata.shared}
@@ -126,15 +128,18 @@ def _compile_defaults(capability: int) -> dict:
     from lora_kernels.triton.forward import lora_fwd_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
-    f32 = {n: "*fp32" for n in ("a_ptr", "b_ptr", "rm_ptr", "xa_ptr", "da_ptr", "db_ptr", "dbias_ptr", "drm_ptr")}
+    f32 = {
+        n: "*fp32" for n in ("a_ptr", "b_ptr", "rm_ptr", "xa_ptr", "gb_ptr", "da_ptr", "db_ptr", "dbias_ptr", "drm_ptr")
+    }
     common = dict(HAS_R=False, R_PAD=16, IEEE=False, INTERPRET=False)
     cap = (capability // 10, capability % 10)
     out = {}
-    for kind, mode in (("fwd", 0), ("fwd_gemm", 1), ("fwd_xa", 2), ("bwd", None)):
+    for kind, mode in (("fwd", 0), ("fwd_gemm", 1), ("fwd_xa", 2), ("bwd", None), ("bwd_epi", None)):
         bm, bn, bk, g, w, s = configs.candidates(kind, 8192, 16, "bfloat16", cap, True, MAX_SHARED[capability])[0]
         tiles = dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g)
         if mode is None:
-            flags = dict(NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, NEED_DR=False, DETERMINISTIC=False)
+            flags = dict(NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, NEED_DR=False, DETERMINISTIC=False,
+                         PRE_GW=kind == "bwd_epi")  # fmt: skip
             k = compile_for(lora_bwd_kernel, {**act, **f32}, dict(tiles, HAS_DROPOUT=True, **flags), capability, w, s)
         else:
             flags = dict(HAS_BIAS=True, HAS_DROPOUT=mode != 1, XA_MODE=mode)
@@ -147,7 +152,8 @@ def _compile_defaults(capability: int) -> dict:
 def test_default_tiles_fit_shared_memory(capability):
     """The default tile of each kernel, as chosen for the device's shared memory, fits it (ptxas's count), so the
     first launch cannot fail with OutOfResources: on sm_89 (99 KB) the sm_90/sm_80 tables' 3-stage tiles would
-    not (configs.fit_shared_memory), and sm_90's split-plan GEMM tile (128 x 256, 4 stages) is the largest."""
+    not (configs.fit_shared_memory), and sm_90's split-plan GEMM tile (128 x 256, 4 stages) is the largest.
+    ``bwd_epi`` is the library plan's backward epilogue (PRE_GW)."""
     info = _compiled(f"_compile_defaults({capability})")
     for kind, (shared, cfg) in info.items():
         assert shared <= MAX_SHARED[capability], (kind, cfg, shared)

@@ -217,16 +217,19 @@ def test_dropout_p0_is_no_dropout():
 @needs_runnable
 @pytest.mark.parametrize(
     "m,p,plan,deterministic,fwd_launches,bwd_launches",
-    # auto = fused for M <= 64 (decode: one launch), split for M > 64 (launch.AUTO_SPLIT_MIN_M); deterministic:
-    # the kernel's per-row-tile partials + their fixed-order sum (129 rows: more than one row-tile)
+    # (Triton launches, library GEMMs). auto = fused for M <= 64 (decode: one launch), library for M > 64
+    # (launch.AUTO_LIBRARY_MIN_M): forward = XA launch + GEMM + rank-r addmm_, backward = dX GEMM + GB launch +
+    # epilogue launch. Deterministic: the kernel's per-row-tile partials + their fixed-order sum (129 rows: more
+    # than one row-tile).
     [
-        (129, 0.1, "fused", False, 1, 1),
-        (129, 0.1, "fused", True, 1, 2),
-        (129, 0.0, "split", False, 2, 1),
-        (129, 0.1, "auto", True, 2, 2),
-        (64, 0.1, "auto", False, 1, 1),
+        (129, 0.1, "fused", False, (1, 0), (1, 0)),
+        (129, 0.1, "fused", True, (1, 0), (2, 0)),
+        (129, 0.0, "split", False, (2, 0), (1, 0)),
+        (129, 0.1, "library", False, (1, 2), (2, 1)),
+        (129, 0.1, "auto", True, (1, 2), (3, 1)),
+        (64, 0.1, "auto", False, (1, 0), (1, 0)),
     ],
-    ids=["M129-fused", "M129-fused-det", "M129-split", "M129-auto-det", "M64-auto"],
+    ids=["M129-fused", "M129-fused-det", "M129-split", "M129-library", "M129-auto-det", "M64-auto"],
 )
 def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches):
     x, w, b, a, bb = make_inputs(m, 70, 50, 4, torch.bfloat16)
@@ -239,10 +242,38 @@ def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches):
             y = lora_linear(x, w, b, a, bb, 2.0, p, seed=3, backend="triton", deterministic=deterministic)
     finally:
         lkt.set_forward_plan(None)
-    with lkt.launch_counter() as bwd:
+    with lkt.launch_counter() as bwd:  # the plan is global again: the backward follows its forward's plan
         y.backward(torch.ones_like(y))
-    assert fwd.count == fwd_launches, fwd.kernels
-    assert bwd.count == bwd_launches, bwd.kernels
+    assert (fwd.count, fwd.library) == fwd_launches, fwd.kernels
+    assert (bwd.count, bwd.library) == bwd_launches, bwd.kernels
+
+
+@needs_runnable
+@pytest.mark.parametrize("plan", ["fused", "split", "library"])
+@pytest.mark.parametrize(
+    "case",
+    ["bf16-fp32adapters-dropout", "fp16-3d-transposed-R", "fp32-det-bias-grads", "bf16-expanded-g-dx-only"],
+)
+def test_plans_match_oracle(plan, case):
+    """Every plan on the odd shapes auto would not send it: the matrix above runs auto (fused at M <= 64, library
+    above), so the one-launch backward at M > 64 and the library plan at M <= 64 are covered here."""
+    lkt.set_forward_plan(plan)
+    try:
+        if case == "bf16-fp32adapters-dropout":
+            check_against_oracle(*make_inputs(129, 72, 130, 16, torch.bfloat16, adapter_dtype=torch.float32), p=0.2)
+        elif case == "fp16-3d-transposed-R":
+            x, w, b, a, bb = make_inputs(0, 65, 50, 3, torch.float16, lead=(2, 35))
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)
+            rm = torch.randn(3, 3, dtype=torch.float16, device=DEVICE) * 0.5
+            check_against_oracle(x, w, b, a, bb, p=0.1, rm=rm, grads=("x", "b", "A", "B", "R"))
+        elif case == "fp32-det-bias-grads":
+            check_against_oracle(*make_inputs(7, 100, 90, 5, torch.float32), p=0.3, deterministic=True)
+        else:
+            x, w, b, a, bb = make_inputs(0, 72, 40, 4, torch.bfloat16, lead=(3, 30))
+            g = torch.full((1, 1, 1), 0.5, dtype=torch.bfloat16, device=DEVICE).expand(3, 30, 40)
+            check_against_oracle(x, w, b, a, bb, g=g, grads=("x",))
+    finally:
+        lkt.set_forward_plan(None)
 
 
 @needs_runnable
@@ -518,9 +549,10 @@ def test_split_plan_tiles_on_tails_in_bounds():
         lk_launch.set_forward_plan(None)
 
 
-def test_unaligned_operands_use_four_warp_tiles():
-    """GPU run 1's two failures both ran operands whose strides Triton could not mark divisible by 16 (K=1111,
-    N=555; N=700) through 8-warp BM=128 tiles; such launches now get 4-warp BM <= 64 tiles (configs.py)."""
+def test_unaligned_operands_use_32_row_tiles():
+    """GPU runs 1-4's failures all ran operands whose strides Triton could not mark divisible by 16 (K=1111,
+    N=555; N=700) through tiles with BM >= 64; run 4 found them exact on 32 x 32 x 32 tiles (NOTES.md), which
+    every unaligned 16-bit launch now gets (configs.py); aligned launches keep the table's default."""
     from lora_kernels.triton import configs
 
     f16, al = torch.float16, lk_launch._aligned
@@ -532,15 +564,17 @@ def test_unaligned_operands_use_four_warp_tiles():
     assert not al((555,), torch.empty(64, 4096, dtype=f16))  # Y / dX row stride
     assert not al((), torch.empty(64 * 64 + 1, dtype=f16)[1:].view(64, 64))  # base off by 2 bytes
     assert al((), torch.full((1,), 0.5).expand(3, 40))  # expanded G: stride 0
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "fwd_gemm", "fwd_xa", "bwd", "bwd_epi"):
         for m in (16, 777):
             for dt in ("float16", "bfloat16"):
                 rows = configs.candidates(kind, m, 16, dt, (9, 0), aligned=False)
-                assert rows and all(c[0] <= 64 and c[4] == 4 for c in rows), (kind, m, dt, rows)
-            assert (
-                configs.candidates(kind, m, 16, "bfloat16", (9, 0))[0]
-                == configs._SM90[(kind, "small" if m <= 64 else "large")][0]
-            )
+                assert [c[0] for c in rows] == [32] and rows[0][2] == 32 and rows[0][4:] == (4, 1), (kind, rows)
+                for r_pad in (64, 128, 256):  # the rank-padding rule keeps them
+                    assert configs.candidates(kind, m, r_pad, dt, (9, 0), aligned=False) == rows
+            size = "small" if m <= 64 else "large"
+            default = configs._SM90.get((kind, size)) or configs._SM90[(configs._base_kind(kind), size)]
+            got = configs.candidates(kind, m, 16, "bfloat16", (9, 0))[0]
+            assert got[0] == default[0][0] and got[2:] == default[0][2:], (kind, got)
 
 
 def test_search_space_bounded():
@@ -653,26 +687,32 @@ GPU_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype,m,k,n,r", GPU_CASES)
 def test_gpu_matches_oracle(dtype, m, k, n, r):
-    from lora_kernels.backends import BackendUnavailableError
-    from lora_kernels.triton.backend import gpu_alignment_problem
-
-    inputs = make_inputs(m, k, n, r, dtype)
-    if gpu_alignment_problem(inputs[0], inputs[1]):  # declined on purpose (known GPU bug): say so, never compute
-        with pytest.raises(BackendUnavailableError, match="multiples of 16"):
-            run("triton", *inputs)
-        return
-    check_against_oracle(*inputs, p=0.1)
+    check_against_oracle(*make_inputs(m, k, n, r, dtype), p=0.1)
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("plan", ["fused", "split"])
+@pytest.mark.parametrize("plan", ["fused", "split", "library"])
 def test_gpu_both_plans_with_dropout(plan):
-    """The auto plan runs split for M > 64 and fused below, so the GPU oracle matrix covers each plan at one side
-    only: here both at M > 64, aligned (the tiles a 4096-wide layer gets), bf16 with fp32 adapters."""
+    """The auto plan runs library for M > 64 and fused below, so the GPU oracle matrix covers each plan at one side
+    only: here every plan at M > 64, aligned (the tiles a 4096-wide layer gets), bf16 with fp32 adapters."""
     lkt.set_forward_plan(plan)
     try:
         check_against_oracle(*make_inputs(512, 1024, 768, 16, torch.bfloat16, adapter_dtype=torch.float32), p=0.1)
+    finally:
+        lkt.set_forward_plan(None)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("plan", ["fused", "library"])
+@pytest.mark.parametrize("dtype,r", [(_FP16, 3), (_BF16, 8)], ids=["fp16-r3", "bf16-r8"])
+def test_gpu_small_rank_aligned(dtype, r, plan):
+    """Aligned sizes with a rank below 16 (masked R_PAD columns) and an M tail on the default (wgmma) tiles: GPU
+    run 4 left open whether the unaligned failure (fp16, r=3) needs the unaligned strides or only the rank mask."""
+    lkt.set_forward_plan(plan)
+    try:
+        check_against_oracle(*make_inputs(777, 1024, 512, r, dtype), p=0.1)
     finally:
         lkt.set_forward_plan(None)
 
@@ -688,14 +728,24 @@ def test_gpu_odd_layouts_and_adapters():
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_gpu_launch_count_profiler(deterministic):
-    """Counted by torch.profiler on the device: our Triton kernels only (memsets/casts by torch are listed)."""
-    from torch.profiler import ProfilerActivity, profile
-
+@pytest.mark.parametrize("plan", ["fused", "auto"])
+def test_gpu_launch_count_profiler(deterministic, plan):
+    """Counted by torch.profiler on the device: our Triton kernels only (memsets/casts/GEMMs by torch are listed).
+    auto at M=4096 is the library plan: XA launch forward; GB launch + epilogue launch backward."""
     x, w, b, a, bb = make_inputs(4096, 4096, 4096, 16, torch.bfloat16)
     x.requires_grad_()
     a.requires_grad_()
     bb.requires_grad_()
+    lkt.set_forward_plan(plan)
+    try:
+        _profile_launches(x, w, b, a, bb, deterministic, extra=int(plan == "auto"))
+    finally:
+        lkt.set_forward_plan(None)
+
+
+def _profile_launches(x, w, b, a, bb, deterministic, extra):
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(2):  # compile outside the profiled region
         y = lora_linear(x, w, b, a, bb, 2.0, 0.1, seed=1, backend="triton", deterministic=deterministic)
         y.backward(torch.ones_like(y))
@@ -715,8 +765,8 @@ def test_gpu_launch_count_profiler(deterministic):
     fwd, fwd_all = ours(pf)
     bwd, bwd_all = ours(pb)
     print("forward device ops:", fwd_all, "\nbackward device ops:", bwd_all)
-    assert len(fwd) == 2, fwd_all  # M=4096: the auto plan is split (XA launch + GEMM launch)
-    assert len(bwd) == (2 if deterministic else 1), bwd_all
+    assert len(fwd) == 1, fwd_all
+    assert len(bwd) == (2 if deterministic else 1) + extra, bwd_all
 
 
 @pytest.mark.gpu
@@ -741,8 +791,8 @@ def test_gpu_tile_configs_compile(monkeypatch):
     tor = run("torch", x, w, b, a, bb)
     cap = torch.cuda.get_device_capability()
     table = configs.candidates
-    # the fused forward's rows ("fwd") under the fused plan, the split plan's own rows under the split plan
-    plans = {"fwd": "fused", "fwd_gemm": "split", "fwd_xa": "split", "bwd": None}
+    # each kind under a plan that launches it (fwd_xa: the library plan's XA and GB launches)
+    plans = {"fwd": "fused", "fwd_gemm": "split", "fwd_xa": "library", "bwd": "fused", "bwd_epi": "library"}
     try:
         for kind, plan in plans.items():
             lk_launch.set_forward_plan(plan)
@@ -764,15 +814,12 @@ def test_gpu_tile_configs_compile(monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.xfail(
-    strict=True,
-    reason="known GPU bug (H200 runs 1-3): unaligned 16-bit launches give a wrong dX or an illegal address; "
-    "backend.supports declines them. XPASS here means it is fixed: remove the gate in triton/backend.py",
-)
+@pytest.mark.parametrize("plan", ["fused", "library"])  # split runs the fused plan's backward
 @pytest.mark.parametrize("case", ["fp16-M777-K1111-N555-r3", "bf16-T3d-4x333-K1000-N700-fp32adapters"])
-def test_gpu_unaligned_isolated(case):
-    """GPU run 1's failures, each in its own process with CUDA_LAUNCH_BLOCKING=1: an illegal address is reported
-    by the kernel that caused it and cannot poison the tests after it (a CUDA error is sticky per process)."""
+def test_gpu_unaligned_isolated(case, plan):
+    """GPU runs 1-4's failures (a ptxas fault on >= 64-row tiles, fixed by the 32-row unaligned tiles: configs.py),
+    each in its own process with CUDA_LAUNCH_BLOCKING=1: an illegal address is reported by the kernel that caused
+    it and cannot poison the tests after it (a CUDA error is sticky per process)."""
     import subprocess
     import sys
 
@@ -782,6 +829,7 @@ import sys, torch
 sys.path.insert(0, 'tests')
 import test_triton_kernels as t
 case = {case!r}
+t.lkt.set_forward_plan({plan!r})
 if case.startswith('fp16'):
     t.check_against_oracle(*t.make_inputs(777, 1111, 555, 3, torch.float16), p=0.1)
 else:
@@ -791,37 +839,6 @@ else:
 torch.cuda.synchronize()
 print('OK')
 """
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", LORA_KERNELS_TRITON_ALLOW_UNALIGNED="1")
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-6000:])
-
-
-def test_unaligned_16bit_gpu_launches_are_declined_with_the_reason():
-    """The gate itself (CPU tensors are never gated, so exercise the rule through a fake CUDA device type)."""
-    from lora_kernels.triton import backend
-
-    class FakeDevice:
-        type = "cuda"
-
-    class Fake:
-        def __init__(self, t):
-            self.t = t
-            self.device = FakeDevice()
-            self.dtype = t.dtype
-            self.shape = t.shape
-
-        def stride(self, *a):
-            return self.t.stride(*a)
-
-        def data_ptr(self):
-            return 0
-
-    w_ok = torch.empty(32, 64, dtype=torch.bfloat16)
-    assert backend.gpu_alignment_problem(Fake(torch.empty(5, 64, dtype=torch.bfloat16)), w_ok) is None
-    for x, w in [
-        (torch.empty(5, 63, dtype=torch.bfloat16), torch.empty(32, 63, dtype=torch.bfloat16)),  # K
-        (torch.empty(5, 64, dtype=torch.float16), torch.empty(33, 64, dtype=torch.float16)),  # N
-        (torch.empty(5, 72, dtype=torch.bfloat16)[:, :64], w_ok),  # row stride 72
-    ]:
-        assert "multiples of 16" in backend.gpu_alignment_problem(Fake(x), w)
-    assert backend.gpu_alignment_problem(Fake(torch.empty(5, 63)), torch.empty(32, 63)) is None  # fp32 passed

@@ -11,36 +11,6 @@ from .launch import MAX_RANK
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Opt-in for reproducing the known GPU bug below (tests/test_triton_kernels.py::test_gpu_unaligned_isolated).
-ALLOW_UNALIGNED_ENV = "LORA_KERNELS_TRITON_ALLOW_UNALIGNED"
-
-
-def gpu_alignment_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """Why a 16-bit launch on a GPU is refused, or None.
-
-    Measured on an H200 (benchmarks/results/h200_20261130_run1 and _run3): with fp16/bf16 activations and
-    in/out features or x row strides that are not multiples of 16 elements, the kernels returned a wrong dX
-    (fp16 M=777 K=1111 N=555 r=3: max err 15 vs torch's 0.01) or hit an illegal address (bf16 [4, 333, 1000]
-    -> 700, fp32 adapters), also on the 4-warp tiles meant to avoid it; the interpreter and an address sanitizer
-    find nothing on CPU, so the fault is in compiled code and not yet understood. Every aligned case passed (incl.
-    M=8192, 4096 -> 4096), and fp32/fp64 activations passed on the unaligned shapes. Until the root cause is
-    fixed, such calls are declined so `auto` moves on (logged) instead of returning wrong gradients.
-    """
-    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if os.environ.get(ALLOW_UNALIGNED_ENV) == "1":
-        return None
-    k, n = x.shape[-1], weight.shape[0]
-    strides_ok = all(st % 16 == 0 for st, size in zip(x.stride()[:-1], x.shape[:-1]) if size != 1)
-    if k % 16 or n % 16 or x.stride(-1) != 1 or not strides_ok or x.data_ptr() % 16:
-        return (
-            f"16-bit activations on a GPU need in_features ({k}) and out_features ({n}) that are multiples of 16 and "
-            "a contiguous last dim with 16-element-aligned row strides: the unaligned kernels gave wrong results on "
-            f"an H200 (known bug, see lora_kernels/triton/NOTES.md); use backend='cuda' or 'torch' "
-            f"({ALLOW_UNALIGNED_ENV}=1 forces the kernels, for debugging only)"
-        )
-    return None
-
 
 def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[bool, str]:
     if x.device.type == "cpu":
@@ -57,9 +27,6 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[b
         return False, "in_features = 0: nothing for the kernels to tile (the torch backend returns the bias)"
     if lora_A.shape[0] > MAX_RANK:
         return False, f"triton kernels support rank r <= {MAX_RANK}, got r={lora_A.shape[0]}"
-    problem = gpu_alignment_problem(x, weight)
-    if problem:
-        return False, problem
     return True, "fused triton kernels"
 
 

@@ -28,6 +28,11 @@ inside the program::
     dX[m-tile, k-tile] = acc + (s·gb @ A[:, k-tile]) ⊙ Z
     dA[:, k-tile]     += (s·gb)ᵀ @ (X[m-tile, k-tile] ⊙ Z)
 
+Library plan (PRE_GW, launch.lora_backward): the base GEMM ``G W`` is a library GEMM (cuBLAS) written into dX
+and ``GB`` comes from the forward kernel's XA-only mode run on (G, Bᵀ); this kernel then skips the N loop,
+starts ``acc`` from dX's tile and ``gb`` from GB, and does everything else as above: the mask, dX's LoRA term,
+dA, dB, db and dR, reading X, dX and G once each.
+
 dA/dB/db accumulate in fp32 into one flat buffer (layout: launch.grad_layout). Atomic mode
 (DETERMINISTIC=0): ``tl.atomic_add`` into a zeroed buffer, 1 launch (+ the torch.zeros memset, which is not one
 of our kernels but is a device op: counted honestly in NOTES.md). Deterministic mode: each row-tile ``pid_m``
@@ -63,7 +68,8 @@ def lora_bwd_kernel(
     b_ptr,
     rm_ptr,  # lora_R [r, r], unused unless HAS_R
     xa_ptr,  # [M, R] fp32 contiguous, from the forward
-    dx_ptr,  # [M, K] activation dtype
+    gb_ptr,  # [M, R] fp32 contiguous: G B (PRE_GW only)
+    dx_ptr,  # [M, K] activation dtype; holds G W on entry when PRE_GW
     da_ptr,  # fp32 [R, K] (row-major) inside the flat gradient buffer
     db_ptr,  # fp32 [N, R]
     dbias_ptr,  # fp32 [N]
@@ -109,6 +115,7 @@ def lora_bwd_kernel(
     HAS_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    PRE_GW: tl.constexpr,  # library plan: G W is in dX already and G B in gb_ptr (module docstring)
     R_PAD: tl.constexpr,
     IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -152,7 +159,15 @@ def lora_bwd_kernel(
         if HAS_R:  # XA Rᵀ
             xr = dot(cast(xa, dt, INTERPRET), tl.trans(rm), tl.zeros((BLOCK_M, R_PAD), dtype=acc_t), IEEE, INTERPRET)
         xr = cast(xr * scale, dt, INTERPRET)
-    if NEED_DX or NEED_DA or NEED_DR:
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dx_m + offs_k[None, :] * stride_dx_k
+    if PRE_GW:
+        if NEED_DX:
+            acc = tl.load(dx_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(acc_t)
+        if NEED_DX or NEED_DA or NEED_DR:
+            gb = tl.load(
+                gb_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0
+            )
+    elif NEED_DX or NEED_DA or NEED_DR:
         for j in range(0, tl.cdiv(N, BLOCK_N)):
             offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
@@ -222,7 +237,7 @@ def lora_bwd_kernel(
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * drop_scale, 0.0)
         tl.store(
-            dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dx_m + offs_k[None, :] * stride_dx_k,
+            dx_ptrs,
             cast(acc + lora, dx_ptr.dtype.element_ty, INTERPRET),
             mask=m_mask[:, None] & k_mask[None, :],
         )

@@ -20,15 +20,13 @@ the same GEMM: ``benchmarks/gpu_triton_tune.py`` times the search space and prin
 Unaligned operands (a tensor base not 16-byte aligned, or a stride or output row length that is not a multiple of
 16 elements, e.g. K = 1111; Triton's JIT marks integer arguments divisible by 16 and nothing finer):
 Triton cannot use 16-byte cp.async for them, so the main loop is not software-pipelined (one stage, 36 KB of
-shared memory, checked with ptxas in tests/test_triton_compile.py) and the loads are element-wise. In GPU run 1
-the two failing cases (fp16 M777 K1111 N555 r3: wrong dX; bf16 [4, 333, 1000] -> 700: illegal address) both
-ran such unaligned operands through the 8-warp BM=128 tiles; the one unaligned 16-bit case that ran the 4-warp
-BM=64 tiles (bf16 M1000 K2000 N3000 r100: strides 3000/2000/100 are not multiples of 16 elements) was correct,
-as was every aligned case. The interpreter runs the
-failing shapes with those exact tiles correctly and in bounds (tests/test_triton_kernels.py
-::test_sm90_tiles_on_tails_in_bounds), so the fault is in the compiled code for that combination, not in the
-kernels' index arithmetic; until the GPU confirms the cause (NOTES.md, "GPU run 1"), unaligned launches with
-16-bit activations use only 4-warp BM <= 64 tiles (:data:`_UNALIGNED`). They are slow anyway (no pipelining).
+shared memory, checked with ptxas in tests/test_triton_compile.py) and the loads are element-wise. With 16-bit
+activations such launches run 32 x 32 x 32 tiles, 4 warps, one stage (:data:`_UNALIGNED`): GPU runs 1-4 (H200,
+triton 3.6) gave a wrong dX (fp16 M777 K1111 N555 r3) or an illegal address (bf16 [4, 333, 1000] -> 700) on
+every tile with BM >= 64 (8 warps or 4, 1 stage or 3, with or without 16-aligned row strides), and run 4's
+bisection (benchmarks/gpu_unaligned_bisect.py, NOTES.md "GPU run 4") found two changes that each make the
+failing case exact: 32-row tiles (no 64-row wgmma) or compiling with the CUDA 13.0 ptxas instead of the 12.8
+one the triton wheel bundles. A ptxas fault, then; small tiles are the fix that needs no toolkit.
 """
 
 from __future__ import annotations
@@ -76,6 +74,11 @@ _SM90[("fwd_gemm", "large")] = [
     (64, 128, 64, 8, 4, 4),
 ]
 _SM90[("fwd_xa", "large")] = [(64, 16, 64, 8, 4, 4), (128, 16, 64, 8, 8, 4), (128, 16, 64, 8, 8, 3)]
+# The library plan's backward epilogue (launch.lora_backward, PRE_GW): dX's [BM, BK] tile arrives from the library
+# GEMM, GB from the XA-mode launch; the kernel reads X, dX and G once each and adds dA/dB with atomics, so it is
+# memory-bound and BM sets the number of atomics (dA and dB partials: one per row-tile). Not yet tuned on a GPU.
+_SM90[("bwd_epi", "small")] = [(16, 64, 128, 8, 4, 2), (32, 64, 128, 8, 4, 2)]
+_SM90[("bwd_epi", "large")] = [(128, 64, 128, 8, 8, 2), (64, 64, 128, 8, 4, 2), (128, 128, 64, 8, 8, 2)]
 
 
 def _base_kind(kind: str) -> str:
@@ -89,13 +92,9 @@ def _dedupe(rows: list[Config]) -> list[Config]:
 
 
 _SM80 = {key: _dedupe([(bm, bn, bk, g, w, min(s, 3)) for bm, bn, bk, g, w, s in rows]) for key, rows in _SM90.items()}
-# unaligned launches (launch._aligned) with 16-bit activations: 4 warps, BM <= 64 only (module docstring).
-_UNALIGNED = {
-    ("fwd", "small"): [(16, 64, 128, 8, 4, 2)],
-    ("fwd", "large"): [(64, 128, 64, 8, 4, 2), (64, 64, 64, 8, 4, 2)],
-    ("bwd", "small"): [(16, 64, 128, 8, 4, 2)],
-    ("bwd", "large"): [(64, 64, 128, 8, 4, 2), (64, 64, 64, 8, 4, 2)],
-}
+# unaligned launches (launch._aligned) with 16-bit activations: 32 x 32 x 32, 4 warps, 1 stage (module docstring).
+_TILE32: Config = (32, 32, 32, 8, 4, 1)
+_UNALIGNED = {(kind, size): [_TILE32] for kind in ("fwd", "bwd", "bwd_epi") for size in ("small", "large")}
 # fp32 activations use IEEE fp32 products (no tensor cores): smaller tiles, fewer stages. fp64 uses them too
 # (its tiles take twice the shared memory: 108 KB at 3 stages for the fwd (64, 64, 32) tile, checked by ptxas).
 _FP32 = {
@@ -103,6 +102,8 @@ _FP32 = {
     ("fwd", "large"): [(64, 64, 32, 8, 4, 3), (128, 64, 32, 8, 4, 3)],
     ("bwd", "small"): [(16, 64, 32, 8, 4, 3)],
     ("bwd", "large"): [(64, 32, 64, 8, 4, 3), (64, 64, 32, 8, 4, 3)],
+    ("bwd_epi", "small"): [(16, 64, 32, 8, 4, 2)],
+    ("bwd_epi", "large"): [(64, 64, 64, 8, 4, 2), (64, 32, 64, 8, 4, 2)],
 }
 
 # sm_90 shared memory per block: 227 KB; leave 7 KB for the epilogue's buffers (B/A tiles, layout conversions;
@@ -118,6 +119,8 @@ def _stage_bytes(kind: str, cfg: Config, r_pad: int, elt: int = 2, adapter_elt: 
         return (bm * bk + bk * bn) * elt
     if kind == "fwd_xa":  # x [BM, BK] + A [BK, R_PAD]
         return bm * bk * elt + bk * r_pad * adapter_elt
+    if kind == "bwd_epi":  # the dB/db loop's g [BM, BN]
+        return bm * bn * elt
     return (bm * bn + bn * bk) * elt + bn * r_pad * adapter_elt  # g [BM, BN] + W [BN, BK] + B [BN, R_PAD]
 
 
@@ -234,7 +237,8 @@ def candidates(
 ) -> list[Config]:
     """Tile candidates, the default first. ``kind``: ``fwd`` (fused forward), ``fwd_gemm`` / ``fwd_xa`` (the
     split plan's GEMM and XA-only launches; they fall back to the ``fwd`` rows where no row of their own exists,
-    ``fwd_xa`` then with BLOCK_N fixed to 16), ``bwd``. ``max_shared``: the device's shared memory per block
+    ``fwd_xa`` then with BLOCK_N fixed to 16), ``bwd`` (the one-launch backward), ``bwd_epi`` (the library plan's
+    backward epilogue). ``max_shared``: the device's shared memory per block
     (:func:`fit_shared_memory`)."""
     size = "small" if m <= 64 else "large"
     base = _base_kind(kind)

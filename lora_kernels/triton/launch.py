@@ -24,25 +24,31 @@ from .forward import lora_fwd_kernel
 
 logger = logging.getLogger("lora_kernels")
 
-PLANS = ("auto", "fused", "split")
+PLANS = ("auto", "fused", "split", "library")
 PLAN_ENV = "LORA_KERNELS_TRITON_FWD_PLAN"
 _plan: str | None = None
 MAX_RANK = 256
-# "auto": the split plan for M > 64, the fused plan for M <= 64. GPU run 1 (H200, M=8192, 4096->4096, r=16, bf16
-# activations, fp32 adapters, default tiles, do_bench medians): p=0.1 fused 2.465 ms vs split 0.631 ms (base
-# F.linear 0.406 ms): the fused kernel regenerates the dropout hash (~12 integer ops per element) in every N-tile
-# column, N/BN = 32 times per element; p=0 fused 0.648 vs split 0.564 ms: the fused K-loop's extra [BM, R_PAD]
-# MMA (R_PAD/BN = 12.5% more MMA work) costs more than the split plan's second launch and second read of X
-# (64 MB, ~14 us at 4.8 TB/s). At M <= 64 (decode) the call is host-bound (M=16: fused 0.202 ms, split 0.256 ms,
-# GEMM 0.019 ms) and one launch beats two, so auto stays fused there. benchmarks/gpu_triton_tune.py prints fused
-# vs split with tuned tiles: move this threshold if they disagree.
-AUTO_SPLIT_MIN_M = 65
+# The plans (NOTES.md, "Plans"), forward / backward:
+#   fused    one launch / one launch (two in deterministic mode): the kernels DESIGN.md budgets;
+#   split    XA launch + Triton GEMM launch with the LoRA epilogue / the one-launch backward;
+#   library  XA launch + the library GEMM (cuBLAS: torch.mm/addmm) with the rank-r update as its epilogue
+#            (addmm_, alpha = s) / library GEMM dX = G W, an XA-mode launch for GB = G B, one epilogue launch
+#            (dX's LoRA term under the regenerated mask, dA, dB, db).
+# "auto": fused for M <= 64, library above (AUTO_LIBRARY_MIN_M). GPU run 4 (H200, M=8192, 4096->4096, r=16, bf16
+# activations, fp32 adapters, do_bench medians; benchmarks/results/h200_20261130_run4): the Triton GEMM in
+# the fused/split kernels runs at ~650 TFLOP/s against cuBLAS's ~750 (fwd: base F.linear 0.367 ms, split 0.534,
+# fused 0.645) and the one-launch backward takes 0.698-0.744 ms for a 0.382 ms dX GEMM, so plain torch ops
+# (the torch backend: 0.450 / 0.498 ms at p=0) beat both; the library plan keeps cuBLAS for the GEMMs and
+# fuses only the dropout / rank-r work, which the torch backend cannot (p=0.1: 4.985 ms fwd). At M <= 64 (decode)
+# the call is host-bound (M=16: base 0.019 ms, fused 0.080 ms) and one launch beats three.
+AUTO_LIBRARY_MIN_M = 65
 
 
 # ---------------------------------------------------------------------------------------------- forward plan
 def set_forward_plan(plan: str | None) -> None:
-    """``"auto"`` (default), ``"fused"`` (one launch) or ``"split"`` (XA launch + GEMM launch); ``None`` = env /
-    default."""
+    """``"auto"`` (default), ``"fused"`` (one launch), ``"split"`` (XA launch + GEMM launch) or ``"library"``
+    (XA launch + library GEMMs; also selects the library backward); ``None`` = env / default. The backward of
+    a call follows the plan its forward ran."""
     global _plan
     if plan is not None and plan not in PLANS:
         raise ValueError(f"forward plan must be one of {PLANS}, got {plan!r}")
@@ -59,17 +65,18 @@ def get_forward_plan() -> str:
 
 
 def resolve_plan(plan: str, m: int, dropout_p: float = 0.0) -> str:
-    """The concrete plan (``fused``/``split``) for one call (``dropout_p`` is kept for a future rule)."""
+    """The concrete plan (``fused``/``split``/``library``) for one call (``dropout_p`` is kept for a future rule)."""
     if plan == "auto":
-        return "split" if m >= AUTO_SPLIT_MIN_M else "fused"
+        return "library" if m >= AUTO_LIBRARY_MIN_M else "fused"
     return plan
 
 
 # ---------------------------------------------------------------------------------------------- launch count
 @dataclass
 class LaunchCounter:
-    count: int = 0
-    kernels: list[str] = field(default_factory=list)
+    count: int = 0  # Triton launches of this package
+    kernels: list[str] = field(default_factory=list)  # their kernel names, and "library:<op>" for library GEMMs
+    library: int = 0  # library GEMMs (cuBLAS through torch) issued by the library plan
 
 
 _counters: list[LaunchCounter] = []
@@ -95,6 +102,12 @@ def _launch(kernel, grid, *args, count: bool = True, **meta) -> None:
             c.count += 1
             c.kernels.append(kernel.__name__)
     kernel[grid](*args, **meta)
+
+
+def _count_library(op: str) -> None:
+    for c in _counters:
+        c.library += 1
+        c.kernels.append(f"library:{op}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -240,7 +253,8 @@ def _dropout(p: float, seed: int) -> tuple[int, int, int, float]:
 # ---------------------------------------------------------------------------------------------- forward
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan=None):
     """``(y, xa)``: ``y [..., N]`` in x's dtype and ``xa [M, r]`` in ``acc_dtype`` (fp32; fp64 for fp64 x).
-    One launch (fused plan, the default for M <= 64), two (split, the default for M > 64: ``AUTO_SPLIT_MIN_M``)."""
+    One launch (fused plan, the default for M <= 64), two (split), or one plus two library GEMMs (library, the
+    default for M > 64: ``AUTO_LIBRARY_MIN_M``)."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     lead = x.shape[:-1]
     m = math.prod(lead)
@@ -286,6 +300,11 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
     key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, bias is not None, has_dropout, lora_R is not None,
            aligned, x.device.index)  # fmt: skip
     with _device_guard(x):
+        if plan == "library":
+            cfg = configs.choose("fwd2", key, lambda: cands(2), lambda c: run(c, 2, count=False))
+            run(cfg, 2)
+            _library_forward(x, weight, bias, lora_B, lora_R, scale, xa, y)
+            return y, xa
         for mode in (0,) if plan == "fused" else (2, 1):
             cfg = configs.choose(
                 f"fwd{mode}", key, lambda mode=mode: cands(mode), lambda c, mode=mode: run(c, mode, count=False)
@@ -294,13 +313,41 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
     return y, xa
 
 
+def _rows2d(t: torch.Tensor) -> torch.Tensor:
+    """``t[..., L]`` as an ``[M, L]`` matrix for a library GEMM: a view when the leading dims merge (the usual
+    case: contiguous activations and gradients), else a copy (e.g. a transposed 3-D x; the Triton launches read
+    such tensors through strides, the library cannot)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _library_forward(x, weight, bias, lora_B, lora_R, scale, xa, y) -> None:
+    """The library plan's forward after its XA launch: ``Y = X Wᵀ (+ b)`` by the library GEMM, then
+    ``Y += s·(XA [Rᵀ]) Bᵀ`` as that GEMM's beta=1 update (``addmm_``, alpha = s: one read and write of Y, fp32
+    accumulation, one rounding). XA and B are rounded to the activation dtype as the fused kernel rounds them."""
+    n, dt = weight.shape[0], y.dtype
+    x2, y2 = _rows2d(x), y.view(-1, n)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+    _count_library("mm")
+    xr = xa
+    if lora_R is not None:
+        xr = xa @ lora_R.t().to(xa.dtype)
+        _count_library("mm")
+    y2.addmm_(xr.to(dt), lora_B.t().to(dt), alpha=float(scale))
+    _count_library("addmm_")
+
+
 # ---------------------------------------------------------------------------------------------- backward
 def lora_backward(
     g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset,
-    need_dx, need_da, need_db, need_dbias, need_dr, deterministic,
+    need_dx, need_da, need_db, need_dbias, need_dr, deterministic, library=False,
 ):  # fmt: skip
     """``(dx, flat)``: dX (``x.shape``, x's dtype; empty when not needed) and the ``acc_dtype`` buffer of
-    ``grad_layout`` holding dA, dB, db and dR. One launch; deterministic mode at most two."""
+    ``grad_layout`` holding dA, dB, db and dR. One launch; deterministic mode at most two. ``library``: the
+    library plan's backward (dX = G W by the library GEMM, GB by an XA-mode launch, then the epilogue launch:
+    two launches and one GEMM; deterministic mode three launches)."""
     k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     m = math.prod(x.shape[:-1])
     need_dr = need_dr and lora_R is not None
@@ -322,9 +369,11 @@ def lora_backward(
     aligned = _aligned((k,), g, x, weight, lora_A, lora_B, lora_R)  # k: dX's row stride
     meta = dict(
         NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, NEED_DBIAS=need_dbias, NEED_DR=need_dr,
-        HAS_R=lora_R is not None, HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, R_PAD=rp,
-        IEEE=dtype == torch.float32, INTERPRET=interpret,
+        HAS_R=lora_R is not None, HAS_DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, PRE_GW=library,
+        R_PAD=rp, IEEE=dtype == torch.float32, INTERPRET=interpret,
     )  # fmt: skip
+    kind = "bwd_epi" if library else "bwd"
+    gb = xa  # any valid pointer unless the library plan fills it
 
     def run(cfg, flat, stride_part, count=True):
         bm, bn, bk, group_m, num_warps, num_stages = cfg
@@ -335,7 +384,7 @@ def lora_backward(
         grid = (_cdiv(m, bm) * _cdiv(k, bk),)
         _launch(
             lora_bwd_kernel, grid,
-            gs, xs, weight, lora_A, lora_B, rm, xa, dx2,
+            gs, xs, weight, lora_A, lora_B, rm, xa, gb, dx2,
             seg(off_da), seg(off_db), seg(off_dbias), seg(off_dr),
             m, n, k, r, seq_g, seq_x,
             sgb, sgm, sgn, sxb, sxm, sxk, weight.stride(0), weight.stride(1),
@@ -347,14 +396,31 @@ def lora_backward(
         )  # fmt: skip
 
     def cands():
-        return configs.candidates("bwd", m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned, _max_shared(x))
+        return configs.candidates(kind, m, rp, _DTYPE_NAMES[dtype], _capability(x), aligned, _max_shared(x))
 
     key = (configs.m_bucket(m), n, k, rp, dtype, lora_A.dtype, need_dx, need_da, need_db, need_dbias, need_dr,
            deterministic, dropout_p > 0, aligned, x.device.index)  # fmt: skip
     with _device_guard(x):
-        # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums
-        bench = lambda c: run(c, torch.zeros(length, dtype=acc, device=x.device), 0, count=False)
-        cfg = configs.choose("bwd", key, cands, bench)
+        if library:
+            if need_dx:  # the base GEMM, written where the epilogue reads and finishes it
+                torch.mm(_rows2d(g), weight, out=dx2)
+                _count_library("mm")
+            if need_dx or need_da or need_dr:
+                gb = _gb(g, lora_B, m, n, r, rp, acc, aligned)
+
+        # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums; in
+        # the library plan it also rewrites dX (G W + the LoRA term twice): tuning then runs on a scratch copy
+        def bench(c):
+            nonlocal dx2
+            keep = dx2
+            if library and need_dx:
+                dx2 = dx2.clone()
+            try:
+                run(c, torch.zeros(length, dtype=acc, device=x.device), 0, count=False)
+            finally:
+                dx2 = keep
+
+        cfg = configs.choose(kind, key, cands, bench)
         tiles_m = _cdiv(m, cfg[0])
         if not deterministic or tiles_m == 1 or length == 0:
             # atomics into a zeroed buffer (deterministic with one row-tile: its stores are the full sums)
@@ -367,3 +433,34 @@ def lora_backward(
         block = 4096 if interpret else 1024
         _launch(sum_partials_kernel, (_cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
     return dx, flat
+
+
+def _gb(g, lora_B, m, n, r, rp, acc, aligned) -> torch.Tensor:
+    """``GB = G B`` [M, r] in ``acc`` (fp32) for the library backward: the forward kernel's XA-only mode run on
+    (G, Bᵀ): a reduction over N instead of K, no dropout, B rounded to G's dtype as the fused backward rounds
+    it (one launch, reading G once)."""
+    gs, seq, sgb, sgm, sgn = rows_view(g)
+    gb = torch.empty((m, r), dtype=acc, device=g.device)
+    bt = lora_B.t()  # [r, N]: "A" of the XA mode
+    args = (
+        gs, bt, bt, bt, bt, bt, gb, gb,
+        m, 0, n, r, seq,
+        sgb, sgm, sgn, 0, 0, bt.stride(0), bt.stride(1), 0, 0, 0, 0, 0, 1,
+        1.0, 0, 0, 0, 0, 1.0,
+    )  # fmt: skip
+
+    def run(cfg, count=True):
+        bm, bn, bk, group_m, num_warps, num_stages = cfg
+        _launch(
+            lora_fwd_kernel, (_cdiv(m, bm),), *args,
+            HAS_BIAS=False, HAS_DROPOUT=False, HAS_R=False, XA_MODE=2, R_PAD=rp, IEEE=g.dtype == torch.float32,
+            INTERPRET=configs.interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+            num_warps=num_warps, num_stages=num_stages, count=count,
+        )  # fmt: skip
+
+    def cands():
+        return configs.candidates("fwd_xa", m, rp, _DTYPE_NAMES[g.dtype], _capability(g), aligned, _max_shared(g))
+
+    key = (configs.m_bucket(m), 0, n, rp, g.dtype, lora_B.dtype, aligned, g.device.index)
+    run(configs.choose("gb", key, cands, lambda c: run(c, count=False)))
+    return gb

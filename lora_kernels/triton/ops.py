@@ -8,8 +8,9 @@ adapter/bias gradients as one flat fp32 buffer (launch.grad_layout); the autogra
 and casts to each parameter's dtype (a no-op for fp32 adapters). A trainable base weight gets
 ``dW = Gᵀ X`` from a library GEMM (torch.mm), as DESIGN.md allows.
 
-The forward plan (fused/split) is read at call time from lora_kernels.triton.get_forward_plan(); it changes
-the number of launches, not the result's meaning (the two plans round XA identically).
+The forward plan (fused/split/library) is read at call time from lora_kernels.triton.get_forward_plan(); it
+changes the number of launches, not the result's meaning (the plans round XA identically). The backward follows
+the plan its forward resolved to (``library`` -> the library backward, else the one-launch backward).
 
 Eager calls skip the custom-op layer: :func:`lora_apply` runs :class:`LoRAFunction` (a plain
 ``autograd.Function`` with the same forward/backward formulas) unless ``torch.compile`` is tracing. The
@@ -71,10 +72,11 @@ def lora_bwd(
     need_dbias: bool,
     need_dr: bool,
     deterministic: bool,
+    library: bool = False,
 ) -> tuple[Tensor, Tensor]:
     return launch.lora_backward(
         g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset,
-        need_dx, need_da, need_db, need_dbias, need_dr, deterministic,
+        need_dx, need_da, need_db, need_dbias, need_dr, deterministic, library,
     )  # fmt: skip
 
 
@@ -97,6 +99,7 @@ def _(
     need_dbias,
     need_dr,
     det,
+    library=False,
 ):
     need_dr = need_dr and lora_R is not None
     r, k, n = lora_A.shape[0], x.shape[-1], weight.shape[0]
@@ -105,12 +108,17 @@ def _(
     return dx, x.new_empty((length,), dtype=launch.acc_dtype(x.dtype))
 
 
-def _setup_context(ctx, inputs, output):
+def _resolved_plan(x: Tensor, dropout_p: float) -> str:
+    return launch.resolve_plan(launch.get_forward_plan(), math.prod(x.shape[:-1]), dropout_p)
+
+
+def _setup_context(ctx, inputs, output, plan=None):
     x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, lora_R, output[1])
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.scalars = (scale, dropout_p, seed, offset)
     ctx.deterministic = deterministic
+    ctx.library = (plan or _resolved_plan(x, dropout_p)) == "library"
 
 
 def _backward(ctx, grad_y, grad_xa, bwd=None):
@@ -123,7 +131,7 @@ def _backward(ctx, grad_y, grad_xa, bwd=None):
         grad_y = x.new_zeros((*x.shape[:-1], n))
     dx, flat = (bwd or lora_bwd)(
         grad_y, x, weight, lora_A, lora_B, lora_R, xa, *ctx.scalars,
-        need_dx, need_da, need_db, need_dbias, need_dr, ctx.deterministic,
+        need_dx, need_da, need_db, need_dbias, need_dr, ctx.deterministic, ctx.library,
     )  # fmt: skip
     off_da, off_db, off_dbias, off_dr, _ = launch.grad_layout(r, k, n, need_da, need_db, need_dbias, need_dr)
     da = flat[off_da : off_da + r * k].view(r, k).to(lora_A.dtype) if need_da else None
@@ -144,9 +152,10 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic):
-        y, xa = launch.lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset)
+        plan = _resolved_plan(x, dropout_p)
+        y, xa = launch.lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan)
         _setup_context(ctx, (x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, deterministic),
-                       (y, xa))  # fmt: skip
+                       (y, xa), plan)  # fmt: skip
         ctx.mark_non_differentiable(xa)
         return y, xa
 
