@@ -69,9 +69,26 @@ ts() { date -u +%H:%M:%S; }
 log() { echo "[$(ts) +${SECONDS}s] $*"; }
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
-# step_timeout DEFAULT RESERVE: min(DEFAULT, what is left of the budget minus RESERVE kept for later steps)
+# What each step needs at least, kept back for it by the steps before it (only for steps that were asked for:
+# GPU run 5 ran --steps info,tests,bench and its tests were cut at 92 s, the reserve of sanitize/memscale that
+# were not going to run).
+declare -A STEP_NEED=([build]=0 [tests]=100 [sanitize]=60 [bench]=90 [memscale]=40 [bisect]=0)
+STEP_ORDER="build tests sanitize bench memscale bisect"
+
+# reserve_after STEP: the seconds the requested steps after STEP need
+reserve_after() {
+  local s after=0 sum=0
+  for s in $STEP_ORDER; do
+    if [ "$after" = 1 ] && want "$s"; then sum=$((sum + STEP_NEED[$s])); fi
+    [ "$s" = "$1" ] && after=1
+  done
+  echo "$sum"
+}
+
+# step_timeout DEFAULT STEP [EXTRA]: min(DEFAULT, what is left of the budget minus what the later requested steps
+# need, minus EXTRA)
 step_timeout() {
-  local left=$((BUDGET - SECONDS - $2))
+  local left=$((BUDGET - SECONDS - $(reserve_after "$2") - ${3:-0}))
   [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
 }
 
@@ -146,7 +163,7 @@ EOF
 
   if want build; then
     local to
-    to=$(step_timeout "$BUILD_CAP" 200)
+    to=$(step_timeout "$BUILD_CAP" build)
     if [ "$DRY" = 0 ] && compgen -G "lora_kernels/_C*.so" >/dev/null; then
       # A warm machine keeps ignored build outputs: never test a stale extension if this build fails.
       log "build: removing stale $(echo lora_kernels/_C*.so)"
@@ -177,7 +194,7 @@ EOF
 
   if want tests; then
     local to targs=()
-    to=$(step_timeout "${DC_TESTS_S:-150}" 190)
+    to=$(step_timeout "${DC_TESTS_S:-150}" tests)
     if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
       targs=(--timeout="${DC_TEST_TIMEOUT:-90}")
     else
@@ -203,7 +220,7 @@ EOF
       local tool to
       : > "$OUT/sanitizer.log"
       for tool in memcheck racecheck; do
-        to=$(step_timeout "${DC_SANITIZE_S:-60}" 190)
+        to=$(step_timeout "${DC_SANITIZE_S:-60}" sanitize "$([ "$tool" = memcheck ] && echo 30 || echo 0)")  # racecheck next
         echo "===== compute-sanitizer --tool $tool" >> "$OUT/sanitizer.log"
         # No caching allocator under memcheck, so an overrun past a tensor's end is not hidden inside its block.
         run_step "sanitize-$tool" "$to" "+$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -222,7 +239,7 @@ EOF
 
   if want bench; then
     local to
-    to=$(step_timeout "${DC_BENCH_S:-180}" 10)
+    to=$(step_timeout "${DC_BENCH_S:-180}" bench)
     rm -f "$OUT/bench.csv"
     run_step bench "$to" - "$PY" -m benchmarks.bench_lora --preset "$BENCH_PRESET" \
       --csv "$OUT/bench.csv" --md "$OUT/bench.md" --plot "$OUT/bench.png" ${DC_BENCH_ARGS:-}
@@ -234,7 +251,7 @@ EOF
 
   if want memscale; then
     local to margs=(--gpu)
-    to=$(step_timeout "${DC_MEMSCALE_S:-120}" 40)
+    to=$(step_timeout "${DC_MEMSCALE_S:-120}" memscale)
     [ "$DRY" = 1 ] && margs=(--dry-run --configs ours-both,hf-peft-ckpt)
     rm -f "$OUT/memory_scale.csv"
     run_step memscale "$to" - "$PY" benchmarks/memory_scale.py "${margs[@]}" --out "$OUT/memory_scale.csv"
@@ -244,7 +261,7 @@ EOF
 
   if want bisect; then
     local to dargs=()
-    to=$(step_timeout "${DC_BISECT_S:-90}" 10)
+    to=$(step_timeout "${DC_BISECT_S:-90}" bisect)
     [ "$DRY" = 1 ] && dargs=(--dry-run)
     run_step bisect "$to" - "$PY" benchmarks/gpu_unaligned_bisect.py "${dargs[@]}"
     [ "$STEP_RC" -eq 0 ] || WARNS+=("bisect: rc=$STEP_RC (informational: see its RESULT lines)")

@@ -28,13 +28,13 @@ BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
 # Preference of ``auto`` per device type, fastest verified first, from the H200 runs committed under
-# benchmarks/results/h200_20261130_run{1,2,3} (bf16, fp32 adapters, 4096 -> 4096, r=16, fwd+bwd medians):
-#   M=8192, p=0   : torch 1.045 ms < triton 1.309 < cuda 5.878   (base F.linear 0.725, PEFT 1.803)
-#   M=8192, p=0.1 : triton 1.602 < torch 10.15 (mask pass, since reworked; not re-measured) < cuda 9.746
-#   M=16,   p=0   : triton 0.745 < torch 0.872 < cuda 0.977      (host-bound; base 0.146, PEFT 0.944)
-# So on a GPU: without dropout at training sizes the cuBLAS-backed torch path wins today; with dropout, or at
-# small M, the Triton kernels win. The cuda backend passed its GPU tests (runs 1 and 3) but is slower
-# everywhere, so it is last. Revisit these after each GPU benchmark run.
+# benchmarks/results/h200_20261130_run{4,5} (bf16, fp32 adapters, 4096 -> 4096, r=16, fwd+bwd do_bench medians):
+#   M=8192, p=0   : torch 0.975 ms < triton 1.088 (library plan) < cuda 6.277   (base 0.823, PEFT 1.813)
+#   M=8192, p=0.1 : triton 1.172 < cuda 9.720 < torch 10.18 (its pure-torch mask hash)   (base 0.791, PEFT 1.977)
+#   M=16,   p=0   : triton 0.693 (fused plan) < torch 0.804 < cuda 0.961   (host-bound; base 0.091, PEFT 0.656)
+# So on a GPU: without dropout at training sizes the cuBLAS-backed torch path wins; with dropout, or at small M,
+# the Triton kernels win. The cuda backend passes every GPU test (run 4) but is slower everywhere, so it is last.
+# Revisit these after each GPU benchmark run.
 AUTO_PREFERENCE = {
     "cuda": ("triton", "torch", "cuda"),
     "cpu": ("torch",),

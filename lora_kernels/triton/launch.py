@@ -34,13 +34,16 @@ MAX_RANK = 256
 #   library  XA launch + the library GEMM (cuBLAS: torch.mm/addmm) with the rank-r update as its epilogue
 #            (addmm_, alpha = s) / library GEMM dX = G W, an XA-mode launch for GB = G B, one epilogue launch
 #            (dX's LoRA term under the regenerated mask, dA, dB, db).
-# "auto": fused for M <= 64, library above (AUTO_LIBRARY_MIN_M). GPU run 4 (H200, M=8192, 4096->4096, r=16, bf16
-# activations, fp32 adapters, do_bench medians; benchmarks/results/h200_20261130_run4): the Triton GEMM in
-# the fused/split kernels runs at ~650 TFLOP/s against cuBLAS's ~750 (fwd: base F.linear 0.367 ms, split 0.534,
-# fused 0.645) and the one-launch backward takes 0.698-0.744 ms for a 0.382 ms dX GEMM, so plain torch ops
-# (the torch backend: 0.450 / 0.498 ms at p=0) beat both; the library plan keeps cuBLAS for the GEMMs and
-# fuses only the dropout / rank-r work, which the torch backend cannot (p=0.1: 4.985 ms fwd). At M <= 64 (decode)
-# the call is host-bound (M=16: base 0.019 ms, fused 0.080 ms) and one launch beats three.
+# "auto": fused for M <= 64, library above (AUTO_LIBRARY_MIN_M). GPU run 5 (H200, M=8192, 4096->4096, r=16, bf16
+# activations, fp32 adapters, do_bench medians, benchmarks/results/h200_20261130_run5/bench.md), fwd+bwd:
+#   p=0  : library 1.088 ms < split 1.238 < fused 1.449     (base F.linear 0.823, PEFT 1.813, torch backend 0.975)
+#   p=0.1: library 1.172 ms < split 1.457 < fused 3.404     (base 0.791, PEFT 1.977, torch backend 10.18)
+# The Triton GEMM inside the fused/split kernels runs at ~650 TFLOP/s against cuBLAS's ~750 (forward: split 0.493
+# vs base 0.384 ms) and the one-launch backward takes 0.72 ms for a 0.385 ms dX GEMM; the library plan keeps cuBLAS
+# for the GEMMs and fuses the dropout / rank-r work (backward 0.576 vs 0.721 ms). The fused forward regenerates
+# the dropout hash in each of the N/BN tile columns (p=0.1: 2.46 ms forward). At M <= 64 (decode) the call is
+# host-bound (M=16: base 0.091 ms, fused 0.693, library 1.345 fwd+bwd: three launches + two GEMMs of host time),
+# so one launch wins there.
 AUTO_LIBRARY_MIN_M = 65
 
 
