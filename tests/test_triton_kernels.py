@@ -354,18 +354,25 @@ def test_supports_reasons():
 
 
 @needs_runnable
+@pytest.mark.parametrize("plan", ["fused", "library"])
 @pytest.mark.parametrize("with_r", [False, True], ids=["no-R", "lora_R"])
-def test_opcheck(with_r):
+def test_opcheck(with_r, plan):
+    """Schema, fake tensors and the autograd registration of both custom ops, with each backward (the library
+    plan's is selected by the op's ``library`` argument, recorded from the forward's plan)."""
     x, w, b, a, bb = make_inputs(9, 40, 24, 3, torch.float32)
     rm = torch.randn(3, 3, device=DEVICE, requires_grad=True) if with_r else None
     for t in (x, a, bb):
         t.requires_grad_()
-    torch.library.opcheck(lora_fwd, (x, w, b, a, bb, rm, 2.0, 0.25, 3, 0, False))
+    lkt.set_forward_plan(plan)
+    try:
+        torch.library.opcheck(lora_fwd, (x, w, b, a, bb, rm, 2.0, 0.25, 3, 0, False))
+    finally:
+        lkt.set_forward_plan(None)
     xa = torch.randn(9, 3, device=DEVICE)
     g = torch.randn(9, 24, device=DEVICE)
     rm_ = None if rm is None else rm.detach()
     args = (g, x.detach(), w, a.detach(), bb.detach(), rm_, xa, 2.0, 0.25, 3, 0, True, True, True, True, with_r, True)
-    torch.library.opcheck(lora_bwd, args)
+    torch.library.opcheck(lora_bwd, args + (plan == "library",))
 
 
 # ------------------------------------------------------------------ lora_R (issue 8's subspace method)
@@ -390,7 +397,8 @@ def test_lora_r_deterministic_and_partial_grads():
 
 
 @needs_runnable
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("plan", ["auto", "library"])
+def test_torch_compile_fullgraph(plan):
     """Dynamo traces through the backend's custom op (fake impls + registered autograd). aot_eager: tracing is
     what is tested (inductor keeps a custom op as an opaque call anyway), without inductor's codegen time.
 
@@ -406,10 +414,14 @@ def test_torch_compile_fullgraph():
     opts = LoRAOpts(scale=2.0, dropout_p=0.1, seed=4)
     fn = lambda x: apply(x, w, b, a, bb, None, opts)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    y_eager = fn(x)
-    (ga_eager,) = torch.autograd.grad(y_eager.float().sum(), [a])
-    y = compiled(x)
-    (ga,) = torch.autograd.grad(y.float().sum(), [a])
+    lkt.set_forward_plan(plan)
+    try:
+        y_eager = fn(x)
+        (ga_eager,) = torch.autograd.grad(y_eager.float().sum(), [a])
+        y = compiled(x)
+        (ga,) = torch.autograd.grad(y.float().sum(), [a])
+    finally:
+        lkt.set_forward_plan(None)
     assert torch.equal(y, y_eager) and torch.equal(ga, ga_eager)
 
 
