@@ -312,6 +312,30 @@ def test_forward_plan_env(monkeypatch):
 
 
 @needs_runnable
+@pytest.mark.parametrize("plan", ["fused", "library"])
+def test_autocast_every_plan(plan):
+    """fp32 model under bf16 autocast: lora_linear casts the base GEMM's operands (functional.py), then each plan
+    runs in bf16 (the library plan's torch.mm/addmm calls too: out= and in-place ops are not re-cast by autocast)."""
+    x, w, b, a, bb = make_inputs(70, 64, 48, 4, torch.float32)
+    dev = torch.device(DEVICE).type
+    gy = torch.randn(70, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    lkt.set_forward_plan(plan)
+    try:
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            tri = run("triton", x, w, b, a, bb, p=0.1, g=gy)
+    finally:
+        lkt.set_forward_plan(None)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        tor = run("torch", x, w, b, a, bb, p=0.1, g=gy)
+    ref = run("torch", *(t.double() for t in (x, w, b, a, bb)), p=0.1, g=gy.double())
+    assert tri["y"].dtype == tor["y"].dtype == torch.bfloat16
+    for name in tri:
+        assert tri[name].dtype == tor[name].dtype, name
+        atol = 1e-6 * max(ref[name].abs().max().item(), 1.0)
+        assert_close_to_oracle(tri[name], ref[name], tor[name], f"{plan} {name}", atol=atol)
+
+
+@needs_runnable
 def test_deterministic_mode_bit_identical_and_correct():
     x, w, b, a, bb = make_inputs(129, 70, 50, 4, torch.float32)
     r1 = check_against_oracle(x, w, b, a, bb, p=0.1, deterministic=True)
