@@ -39,12 +39,22 @@ def _triton_supports(*args):
     return backend.supports(*args)
 
 
+_triton_availability: tuple[bool, str] | None = None
+
+
 def _triton_available() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "the 'triton' package is not installed (pip install triton)"
-    if importlib.util.find_spec("lora_kernels.triton") is None:
-        return False, "this build of lora_kernels has no triton kernels"
-    return True, "triton is importable"
+    # Asked on every call that may run triton (each lora_linear with auto or backend="triton"): the two find_spec
+    # lookups cost ~48 us together on the 2-core CI machine while triton is not yet imported (a sys.path walk), ~3 us
+    # once it is; the answer is taken once per process (installing triton into a running process is not supported).
+    global _triton_availability
+    if _triton_availability is None:
+        if importlib.util.find_spec("triton") is None:
+            _triton_availability = (False, "the 'triton' package is not installed (pip install triton)")
+        elif importlib.util.find_spec("lora_kernels.triton") is None:
+            _triton_availability = (False, "this build of lora_kernels has no triton kernels")
+        else:
+            _triton_availability = (True, "triton is importable")
+    return _triton_availability
 
 
 def _cuda_apply(*args):
