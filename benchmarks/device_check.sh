@@ -14,16 +14,19 @@
 #                                                                  -> $OUT/bench.csv, bench.md, bench.png
 #   memscale  benchmarks/memory_scale.py --gpu, headline pair first (ours ckpt+chunked CE vs HF Trainer+peft+ckpt,
 #             ~1.1B Llama, bf16, 4 x 2048)                         -> $OUT/memory_scale.csv (table in the log)
+#   tune      benchmarks/gpu_triton_tune.py --m 8192: autotunes what the Triton auto plan launches (budget 30 s), times
+#             every plan's forward and the backward (atomic and deterministic), checks them against torch; in the log
 #   bisect    (not by default; GPU run 4 answered it) benchmarks/gpu_unaligned_bisect.py: which kernel / tile /
 #             compiler change avoids the Triton unaligned 16-bit fault (RESULT lines in device_check.log; never a FAIL)
 # Files under $OUT (at most 8 come back): device_check.log build.log gpu_tests.log sanitizer.log bench.csv
 # bench.md bench.png memory_scale.csv. The benchmark's markdown table is printed LAST. Exit status: 0 only if the build (when
 # there is one), the GPU tests and the benchmark's correctness cross-check all passed.
 #
-# Options: --steps info,build,tests,sanitize,bench,memscale[,bisect] (a subset, in this order)   --cpu-dry-run
+# Options: --steps info,build,tests,sanitize,bench,memscale,tune[,bisect] (a subset, in this order)   --cpu-dry-run
 # Environment: OUT (default: a new temp dir), PYTHON (default python3, or the first python that imports torch),
 #   DC_BUDGET_S (total seconds, default 450; dry run 900), DC_BUILD_S (default 180; dry run 480) / DC_TESTS_S /
-#   DC_SANITIZE_S / DC_BENCH_S / DC_MEMSCALE_S / DC_BISECT_S (per-step caps),
+#   DC_SANITIZE_S / DC_BENCH_S / DC_MEMSCALE_S / DC_TUNE_S / DC_BISECT_S (per-step caps), DC_TUNE_BUDGET_S
+#   (autotuning seconds inside the tune step, default 30),
 #   DC_TEST_TIMEOUT (per test, default 90), BENCH_GIT_COMMIT (commit recorded in the CSV when .git is absent),
 #   DC_BENCH_ARGS (extra bench_lora arguments, word-split, e.g. "--providers base,torch,triton").
 set -u -o pipefail
@@ -31,13 +34,13 @@ set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 DRY=0
-STEPS="info,build,tests,sanitize,bench,memscale"
+STEPS="info,build,tests,sanitize,bench,memscale,tune"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
     --steps) STEPS="$2"; shift ;;
     --steps=*) STEPS="${1#--steps=}" ;;
-    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "${BASH_SOURCE[0]}" | grep '^#'; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -72,8 +75,8 @@ want() { [[ ",$STEPS," == *",$1,"* ]]; }
 # What each step needs at least, kept back for it by the steps before it (only for steps that were asked for:
 # GPU run 5 ran --steps info,tests,bench and its tests were cut at 92 s, the reserve of sanitize/memscale that
 # were not going to run).
-declare -A STEP_NEED=([build]=0 [tests]=100 [sanitize]=60 [bench]=90 [memscale]=40 [bisect]=0)
-STEP_ORDER="build tests sanitize bench memscale bisect"
+declare -A STEP_NEED=([build]=0 [tests]=100 [sanitize]=60 [bench]=90 [memscale]=40 [tune]=40 [bisect]=0)
+STEP_ORDER="build tests sanitize bench memscale tune bisect"
 
 # reserve_after STEP: the seconds the requested steps after STEP need
 reserve_after() {
@@ -257,6 +260,19 @@ EOF
     run_step memscale "$to" - "$PY" benchmarks/memory_scale.py "${margs[@]}" --out "$OUT/memory_scale.csv"
     rm -f "$OUT/memory_scale.md"  # the same table is in this log; the 8-file limit on what comes back
     [ "$STEP_RC" -eq 0 ] || WARNS+=("memscale: rc=$STEP_RC (see its lines above)")
+  fi
+
+  if want tune; then
+    local to targs=(--m 8192 --budget "${DC_TUNE_BUDGET_S:-30}")
+    to=$(step_timeout "${DC_TUNE_S:-90}" tune)
+    [ "$DRY" = 1 ] && targs=(--dry-run)
+    run_step tune "$to" - "$PY" benchmarks/gpu_triton_tune.py "${targs[@]}"
+    if [ "$STEP_RC" -eq 1 ]; then
+      log "!!!!!!!! gpu_triton_tune: a plan's result missed the torch oracle (MISMATCHES above)"
+      FAILS+=("tune: a Triton plan missed the oracle")
+    elif [ "$STEP_RC" -ne 0 ]; then
+      WARNS+=("tune: rc=$STEP_RC (see its lines above)")
+    fi
   fi
 
   if want bisect; then

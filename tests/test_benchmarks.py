@@ -198,7 +198,7 @@ def test_device_check_dry_run(tmp_path):
     """The GPU lease's script runs end to end on CPU (build and GPU tests are left to the full dry run)."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     env["DC_BENCH_ARGS"] = "--providers base,torch,cuda --M 4 --dropout 0.1 --dtype fp32"
-    steps = "info,sanitize,bench,memscale,bisect"
+    steps = "info,sanitize,bench,memscale,tune,bisect"
     cmd = ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--cpu-dry-run", "--steps", steps]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
@@ -218,6 +218,8 @@ def test_device_check_dry_run(tmp_path):
     results = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(results) == 16 and all(ln.split()[3] == "ok" for ln in results if "ptxas" not in ln), results
     assert "gpu_unaligned_bisect: 16 trials, 0 not ok" in stdout
+    # the tune step checked every plan against the torch oracle (no tuning under the interpreter)
+    assert stdout.count("check library") == 16 and "MISMATCH" not in stdout  # 2 M x 2 p x 4 outputs
     table_last = (tmp_path / "out" / "bench.md").read_text().rstrip().splitlines()[-1]
     assert stdout.rstrip().splitlines()[-1] == table_last  # the table is printed last
 
