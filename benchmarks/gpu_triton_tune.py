@@ -169,16 +169,34 @@ def main() -> int:
         xg, ag, bg = x.detach().requires_grad_(), a.detach().requires_grad_(), b.detach().requires_grad_()
         y = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton")
         t_bwd = do_bench(lambda: torch.autograd.grad(y, (xg, ag, bg), g, retain_graph=True), warmup=10, rep=50)
+
         # the same backward in deterministic mode (per-row-tile partial stores + a fixed-order sum instead of fp32
-        # atomics): if it is not slower, the atomics are what the backward epilogue waits on (NOTES.md, "Plans")
-        y_det = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton", deterministic=True)
-        t_bwd_det = do_bench(lambda: torch.autograd.grad(y_det, (xg, ag, bg), g, retain_graph=True), warmup=10, rep=50)
+        # atomics) and, for the library plan, with dB/db outside the epilogue (launch.LIBRARY_DB_ENV="launch"): if
+        # either is faster, the atomics are what the epilogue waits on (NOTES.md, "Plans"). Each runs once first
+        # (its own keys tune there, outside the timed region).
+        def bwd_variant(deterministic=False, db_mode=None):
+            saved_mode = os.environ.get(lkt.launch.LIBRARY_DB_ENV)
+            if db_mode:
+                os.environ[lkt.launch.LIBRARY_DB_ENV] = db_mode
+            try:
+                yv = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton", deterministic=deterministic)
+                grad = lambda: torch.autograd.grad(yv, (xg, ag, bg), g, retain_graph=True)
+                grad()
+                return do_bench(grad, warmup=10, rep=50)
+            finally:
+                if saved_mode is None:
+                    os.environ.pop(lkt.launch.LIBRARY_DB_ENV, None)
+                else:
+                    os.environ[lkt.launch.LIBRARY_DB_ENV] = saved_mode
+
+        t_bwd_det = bwd_variant(deterministic=True)
+        t_bwd_dbl = bwd_variant(db_mode="launch") if auto == "library" else float("nan")
         t_base_bwd = do_bench(lambda: torch.mm(g, w), warmup=10, rep=50)  # frozen base layer: dX = G W
         print(
             f"M={m} p={p}: fwd base {t_base:.4f} | fused {t_fused:.4f} (x{t_fused / t_base:.2f}) | split {t_split:.4f} "
             f"(x{t_split / t_base:.2f}) | library {t_library:.4f} (x{t_library / t_base:.2f}) | auto ({lkt.launch.resolve_plan('auto', m, p)}) {t_auto:.4f} ms; "
             f"bwd triton {t_bwd:.4f} (x{t_bwd / t_base_bwd:.2f}), deterministic {t_bwd_det:.4f}, "
-            f"vs base G W {t_base_bwd:.4f} ms"
+            f"dB-by-launch {t_bwd_dbl:.4f}, vs base G W {t_base_bwd:.4f} ms"
         )
 
         # 3. correctness vs the torch backend, fp64 oracle

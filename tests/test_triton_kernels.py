@@ -226,12 +226,17 @@ def test_dropout_p0_is_no_dropout():
         (129, 0.1, "fused", True, (1, 0), (2, 0)),
         (129, 0.0, "split", False, (2, 0), (1, 0)),
         (129, 0.1, "library", False, (1, 2), (2, 1)),
+        (129, 0.1, "library-db-launch", True, (1, 2), (4, 1)),
         (129, 0.1, "auto", True, (1, 2), (3, 1)),
         (64, 0.1, "auto", False, (1, 0), (1, 0)),
     ],
-    ids=["M129-fused", "M129-fused-det", "M129-split", "M129-library", "M129-auto-det", "M64-auto"],
-)
-def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches):
+    ids=["M129-fused", "M129-fused-det", "M129-split", "M129-library", "M129-library-db-det", "M129-auto-det",
+         "M64-auto"],
+)  # fmt: skip
+def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches, monkeypatch):
+    if plan == "library-db-launch":  # + the dB launch (b is frozen here: no db)
+        monkeypatch.setenv(lk_launch.LIBRARY_DB_ENV, "launch")
+        plan = "library"
     x, w, b, a, bb = make_inputs(m, 70, 50, 4, torch.bfloat16)
     x.requires_grad_()
     a.requires_grad_()
@@ -249,14 +254,18 @@ def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches):
 
 
 @needs_runnable
-@pytest.mark.parametrize("plan", ["fused", "split", "library"])
+@pytest.mark.parametrize("plan", ["fused", "split", "library", "library-db-launch"])
 @pytest.mark.parametrize(
     "case",
     ["bf16-fp32adapters-dropout", "fp16-3d-transposed-R", "fp32-det-bias-grads", "bf16-expanded-g-dx-only"],
 )
-def test_plans_match_oracle(plan, case):
+def test_plans_match_oracle(plan, case, monkeypatch):
     """Every plan on the odd shapes auto would not send it: the matrix above runs auto (fused at M <= 64, library
-    above), so the one-launch backward at M > 64 and the library plan at M <= 64 are covered here."""
+    above), so the one-launch backward at M > 64 and the library plan at M <= 64 are covered here; and the
+    library plan's experimental dB-by-launch mode (launch.LIBRARY_DB_ENV)."""
+    if plan == "library-db-launch":
+        monkeypatch.setenv(lk_launch.LIBRARY_DB_ENV, "launch")
+        plan = "library"
     lkt.set_forward_plan(plan)
     try:
         if case == "bf16-fp32adapters-dropout":

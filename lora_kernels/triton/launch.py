@@ -45,6 +45,11 @@ MAX_RANK = 256
 # host-bound (M=16: base 0.091 ms, fused 0.693, library 1.345 fwd+bwd: three launches + two GEMMs of host time),
 # so one launch wins there.
 AUTO_LIBRARY_MIN_M = 65
+# Library plan's dB / db (an experiment for the next GPU run, NOTES.md "Next GPU run"): "epilogue" (default) adds
+# dB's partials with fp32 atomics inside the epilogue launch (one more pass over G there); "launch" computes
+# dB = s·Gᵀ (XA [Rᵀ]) with the forward kernel's XA-only mode run on (Gᵀ, (s·XA)ᵀ) (stores, no atomics) and
+# db = Σ_rows G with torch.sum, leaving the epilogue only dX and dA.
+LIBRARY_DB_ENV = "LORA_KERNELS_TRITON_LIBRARY_DB"
 
 
 # ---------------------------------------------------------------------------------------------- forward plan
@@ -377,6 +382,9 @@ def lora_backward(
     )  # fmt: skip
     kind = "bwd_epi" if library else "bwd"
     gb = xa  # any valid pointer unless the library plan fills it
+    db_by_launch = library and (need_db or need_dbias) and _library_db_mode() == "launch"
+    if db_by_launch:
+        meta.update(NEED_DB=False, NEED_DBIAS=False)
 
     def run(cfg, flat, stride_part, count=True):
         bm, bn, bk, group_m, num_warps, num_stages = cfg
@@ -423,47 +431,69 @@ def lora_backward(
             finally:
                 dx2 = keep
 
-        cfg = configs.choose(kind, key, cands, bench)
+        cfg = configs.choose(kind + ("_nodb" if db_by_launch else ""), key, cands, bench)
         tiles_m = _cdiv(m, cfg[0])
         if not deterministic or tiles_m == 1 or length == 0:
             # atomics into a zeroed buffer (deterministic with one row-tile: its stores are the full sums)
             flat = torch.zeros(length, dtype=acc, device=x.device)
             run(cfg, flat, 0)
-            return dx, flat
-        part = torch.empty((tiles_m, length), dtype=acc, device=x.device)
-        run(cfg, part[0], length)
-        flat = torch.empty(length, dtype=acc, device=x.device)
-        block = 4096 if interpret else 1024
-        _launch(sum_partials_kernel, (_cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
+        else:
+            part = torch.empty((tiles_m, length), dtype=acc, device=x.device)
+            run(cfg, part[0], length)
+            flat = torch.empty(length, dtype=acc, device=x.device)
+            block = 4096 if interpret else 1024
+            _launch(sum_partials_kernel, (_cdiv(length, block),), part, flat, tiles_m, length, length, BLOCK=block)
+        if db_by_launch:  # after the sum: the partials' dB/db segments were never written, these stores replace them
+            g2 = _rows2d(g)
+            if need_db:
+                xr = xa if lora_R is None else xa @ lora_R.t().to(acc)
+                _reduce_rows(g2.t(), (xr * scale).t(), flat[off_db : off_db + n * r], r, rp, acc, aligned, "db")
+            if need_dbias:
+                torch.sum(g2, dim=0, dtype=acc, out=flat[off_dbias : off_dbias + n])
+                _count_library("sum")
     return dx, flat
 
 
+def _library_db_mode() -> str:
+    mode = os.environ.get(LIBRARY_DB_ENV, "epilogue")
+    if mode not in ("epilogue", "launch"):
+        raise ValueError(f"environment variable {LIBRARY_DB_ENV} must be 'epilogue' or 'launch', got {mode!r}")
+    return mode
+
+
 def _gb(g, lora_B, m, n, r, rp, acc, aligned) -> torch.Tensor:
-    """``GB = G B`` [M, r] in ``acc`` (fp32) for the library backward: the forward kernel's XA-only mode run on
-    (G, Bᵀ): a reduction over N instead of K, no dropout, B rounded to G's dtype as the fused backward rounds
-    it (one launch, reading G once)."""
-    gs, seq, sgb, sgm, sgn = rows_view(g)
+    """``GB = G B`` [M, r] in ``acc`` (fp32) for the library backward (one launch, reading G once)."""
     gb = torch.empty((m, r), dtype=acc, device=g.device)
-    bt = lora_B.t()  # [r, N]: "A" of the XA mode
+    _reduce_rows(g, lora_B.t(), gb, r, rp, acc, aligned, "gb")
+    return gb
+
+
+def _reduce_rows(rows, a, out, r, rp, acc, aligned, name) -> None:
+    """``out [L, r] = rows [..., L, C] @ aᵀ`` with ``a [r, C]``, fp32 accumulation, through the forward kernel's
+    XA-only mode (a reduction over C; ``rows`` read through its strides, ``a`` cast in-kernel to ``rows``' dtype
+    as the fused kernels cast the adapters; no dropout). ``out`` is row-major with row stride r. Used for GB = G B
+    (rows = G, a = Bᵀ) and, in the library plan's "launch" dB mode, dB = Gᵀ (s·XA) (rows = Gᵀ, a = (s·XA)ᵀ)."""
+    rs, seq, srb, srm, src = rows_view(rows)
+    lm, c = math.prod(rows.shape[:-1]), rows.shape[-1]
     args = (
-        gs, bt, bt, bt, bt, bt, gb, gb,
-        m, 0, n, r, seq,
-        sgb, sgm, sgn, 0, 0, bt.stride(0), bt.stride(1), 0, 0, 0, 0, 0, 1,
+        rs, a, a, a, a, a, out, out,
+        lm, 0, c, r, seq,
+        srb, srm, src, 0, 0, a.stride(0), a.stride(1), 0, 0, 0, 0, 0, 1,
         1.0, 0, 0, 0, 0, 1.0,
     )  # fmt: skip
 
     def run(cfg, count=True):
         bm, bn, bk, group_m, num_warps, num_stages = cfg
         _launch(
-            lora_fwd_kernel, (_cdiv(m, bm),), *args,
-            HAS_BIAS=False, HAS_DROPOUT=False, HAS_R=False, XA_MODE=2, R_PAD=rp, IEEE=g.dtype == torch.float32,
+            lora_fwd_kernel, (_cdiv(lm, bm),), *args,
+            HAS_BIAS=False, HAS_DROPOUT=False, HAS_R=False, XA_MODE=2, R_PAD=rp, IEEE=rows.dtype == torch.float32,
             INTERPRET=configs.interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
             num_warps=num_warps, num_stages=num_stages, count=count,
         )  # fmt: skip
 
     def cands():
-        return configs.candidates("fwd_xa", m, rp, _DTYPE_NAMES[g.dtype], _capability(g), aligned, _max_shared(g))
+        return configs.candidates("fwd_xa", lm, rp, _DTYPE_NAMES[rows.dtype], _capability(rows), aligned,
+                                  _max_shared(rows))  # fmt: skip
 
-    key = (configs.m_bucket(m), 0, n, rp, g.dtype, lora_B.dtype, aligned, g.device.index)
-    run(configs.choose("gb", key, cands, lambda c: run(c, count=False)))
-    return gb
+    key = (configs.m_bucket(lm), 0, c, rp, rows.dtype, a.dtype, aligned, rows.stride(-1) == 1, rows.device.index)
+    run(configs.choose(name, key, cands, lambda cfg: run(cfg, count=False)))
