@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,12 +137,60 @@ def _worker(out_dir: str) -> None:
 # tests (pytest process)
 
 
+def _run_multiprocess(cmd, env, timeout, restore: tuple[Path, Path] | None = None) -> subprocess.CompletedProcess:
+    """A torchrun command, run once more if (and only if) a worker died of SIGABRT (torchrun reports
+    ``exitcode: -6``). Seen once in a CI run on the 2-core machine, under load: a rank of a fresh 2-process gloo
+    group aborted right after loading the model ("terminate called without an active exception", no Python
+    error), i.e. gloo's TCP transport on loopback, not our code (12 reruns of the same test passed). A Python
+    error, a wrong result or a hang is never retried, and a retry is reported as a warning. ``restore`` =
+    (backup, run_dir): the run folder is put back as it was before the first attempt, so the retry starts from
+    the same state."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0 and "exitcode: -6" in proc.stderr:
+        warnings.warn(f"a worker aborted (SIGABRT) in {' '.join(map(str, cmd[-6:]))}; retrying once:\n"
+                      f"{proc.stderr[-1500:]}", stacklevel=2)  # fmt: skip
+        if restore is not None:
+            backup, run_dir = restore
+            shutil.rmtree(run_dir)
+            shutil.copytree(backup, run_dir)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return proc
+
+
+def test_multiprocess_retry_only_on_native_abort(tmp_path):
+    """The retry above: once for a worker's SIGABRT (run folder restored first), never for a Python error."""
+    run_dir, backup, marker = tmp_path / "run", tmp_path / "backup", tmp_path / "attempts"
+    run_dir.mkdir()
+    (run_dir / "state").write_text("before")
+    shutil.copytree(run_dir, backup)
+    # first attempt: change the run folder, then die the way torchrun reports a worker's SIGABRT
+    code = (
+        "import pathlib, sys; m = pathlib.Path(sys.argv[1]); n = len(m.read_text()) if m.exists() else 0; "
+        "m.write_text('x' * (n + 1)); r = pathlib.Path(sys.argv[2]); "
+        "print(r.joinpath('state').read_text()); r.joinpath('state').write_text('half-written'); "
+        "sys.exit(0) if n else (sys.stderr.write('failed (exitcode: -6) local_rank: 1'), sys.exit(1))"
+    )
+    cmd = [sys.executable, "-c", code, str(marker), str(run_dir)]
+    with pytest.warns(UserWarning, match="SIGABRT"):
+        proc = _run_multiprocess(cmd, dict(os.environ), 60, restore=(backup, run_dir))
+    assert proc.returncode == 0 and marker.read_text() == "xx"
+    assert proc.stdout.strip() == "before"  # the retry saw the restored folder, not the first attempt's write
+    # a Python error in a worker (exitcode 1) is returned as it is, after one attempt
+    marker.unlink()
+    py_err = [sys.executable, "-c", f"import pathlib, sys; pathlib.Path({str(marker)!r}).touch(); "
+              "sys.stderr.write('failed (exitcode: 1)'); sys.exit(1)"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a retry would warn
+        assert _run_multiprocess(py_err, dict(os.environ), 60).returncode == 1
+    assert marker.exists()
+
+
 def _torchrun(out_dir: Path, nproc=2, timeout=240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(Path(__file__)), str(out_dir)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return _run_multiprocess(cmd, env, timeout)
 
 
 def _ulps(x: float, n: int = 8) -> float:
@@ -273,9 +322,7 @@ def test_sft_two_processes_match_one_and_resume_after_kill(tmp_path, sft_inputs)
         _sft_cmd(1, model, data, tmp_path, "one", 4), env=env, capture_output=True, text=True, timeout=300
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        _sft_cmd(2, model, data, tmp_path, "two", 2), env=env, capture_output=True, text=True, timeout=300
-    )
+    two = _run_multiprocess(_sft_cmd(2, model, data, tmp_path, "two", 2), env, 300)
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert len(l1) == len(l2) == 6
@@ -307,12 +354,12 @@ def test_sft_two_processes_match_one_and_resume_after_kill(tmp_path, sft_inputs)
     finally:
         _kill_tree(killed)
     shutil.copytree(tmp_path / "killed", tmp_path / "killed1")
-    res2 = subprocess.run(
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed-backup")
+    res2 = _run_multiprocess(
         _sft_cmd(2, model, data, tmp_path, "killed", 2, "--resume"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env,
+        300,
+        restore=(tmp_path / "killed-backup", tmp_path / "killed"),
     )
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert "resumed from" in res2.stdout and "step-0000002" in res2.stdout
