@@ -594,6 +594,18 @@ def test_split_plan_tiles_on_tails_in_bounds():
         lk_launch.set_forward_plan(None)
 
 
+def test_unaligned_tiles_are_logged_once(caplog):
+    """No silent slow path: the first unaligned 16-bit launch of a dtype says why it runs the small tiles."""
+    from lora_kernels.triton import configs
+
+    configs._unaligned_said.discard("float16")
+    with caplog.at_level("WARNING", logger="lora_kernels"):
+        configs.candidates("bwd", 777, 16, "float16", (9, 0), aligned=False)
+        configs.candidates("fwd", 777, 16, "float16", (9, 0), aligned=False)
+    said = [r.getMessage() for r in caplog.records if "32x32x32" in r.getMessage()]
+    assert len(said) == 1 and "float16" in said[0] and "multiples of 16" in said[0], said
+
+
 def test_unaligned_operands_use_32_row_tiles():
     """GPU runs 1-4's failures all ran operands whose strides Triton could not mark divisible by 16 (K=1111,
     N=555; N=700) through tiles with BM >= 64; run 4 found them exact on 32 x 32 x 32 tiles (NOTES.md), which

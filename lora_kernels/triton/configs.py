@@ -32,6 +32,7 @@ one the triton wheel bundles. A ptxas fault, then; small tiles are the fix that 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -248,6 +249,7 @@ def candidates(
         rows = _FP32[(base, size)]
     elif not aligned:
         rows = _UNALIGNED[(base, size)]
+        _say_unaligned(dtype_name)
     elif capability >= (9, 0) and autotuning():
         rows = search_space(kind, size, r_pad)
     else:
@@ -259,6 +261,21 @@ def candidates(
         rows = [c for c in rows if c[0] <= 64] or [(64,) + c[1:] for c in rows[:1]]
     elt = 8 if dtype_name == "float64" else 4 if dtype_name == "float32" else 2
     return fit_shared_memory(kind, rows, r_pad, max_shared, elt)
+
+
+_unaligned_said: set[str] = set()
+
+
+def _say_unaligned(dtype_name: str) -> None:
+    """The slow tiles are not taken silently: one log line per dtype (candidates runs on a config-cache miss)."""
+    if dtype_name not in _unaligned_said:
+        _unaligned_said.add(dtype_name)
+        logging.getLogger("lora_kernels").warning(
+            "lora_kernels.triton: %s operands whose sizes/strides are not multiples of 16 elements (or a base not "
+            "16-byte aligned) run on 32x32x32 single-stage tiles (slower; the larger tiles miscompile there, "
+            "lora_kernels/triton/NOTES.md 'GPU run 4'): in/out features that are multiples of 16 get the fast tiles",
+            dtype_name,
+        )
 
 
 _cache: dict[tuple, Config] = {}
