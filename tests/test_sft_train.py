@@ -158,6 +158,32 @@ def test_kill_and_resume_is_bit_identical(tmp_path, tiny_model, dataset):
     assert sa["eval_loss_after"] == sb["eval_loss_after"] and sa["eval_loss_before"] == sb["eval_loss_before"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_gpu_sft_learns_and_resumes(tmp_path, tiny_model, dataset):
+    """The loop on a GPU, never run there before session 3's preparation: bf16 base (base_dtype auto), fp32
+    adapters, dropout through the Triton kernels (auto's first choice with dropout; the k/v projections, 48 -> 24,
+    take the unaligned tiles), checkpointing + chunked CE, deterministic kernels. It must learn as on CPU
+    (test_loss_decreases_and_outputs_exist's bound), and a run resumed from its step-4 checkpoint must repeat
+    step 5 bit for bit (a forward from the same weights and rows: every op of it is deterministic) and stay on
+    the reference's trajectory after it (bf16 rounding, and attention's backward may use atomics on a GPU)."""
+    import lora_kernels.triton as lkt
+
+    kw = dict(device="cuda", max_steps=12, lr=3e-2, packing=True, lora_dropout=0.1, save_every=4, keep_last=3,
+              deterministic=True, gradient_checkpointing=True, chunked_ce=True)  # fmt: skip
+    with lkt.launch_counter() as launches:
+        ref = _run(tmp_path, tiny_model, dataset, name="ref", **kw)
+    assert launches.count > 0, "the LoRA layers did not run the Triton kernels"
+    assert ref["eval_loss_after"] < ref["eval_loss_before"] - 1.0, ref
+    step4 = Path(ref["run_dir"]) / "checkpoints" / "step-0000004"
+    res = _run(tmp_path, tiny_model, dataset, name="resumed", resume=str(step4), **kw)
+    want, got = dict(_losses(ref["run_dir"])), dict(_losses(res["run_dir"]))
+    assert sorted(got) == list(range(5, 13)), sorted(got)
+    assert got[5] == want[5]
+    for step in range(6, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-2), step
+
+
 def test_peft_reload_and_merged_export_give_equal_logits(tmp_path, tiny_model, dataset):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
