@@ -164,6 +164,9 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
       <= 128 per thread (plus R_PAD columns for XA/GB), so 256-wide tiles need 8 warps and 256 x 256 is out;
     * shared memory: stages x stage bytes <= 220 KB.
 
+    The memory-bound ``fwd_xa`` (XA, GB) and ``bwd_epi`` launches search BM 32/64/128, BK up to 256, 2-8 warps,
+    2-4 stages instead (more programs per SM; see the comment in the body).
+
     The defaults (``candidates``) come first so an autotuned run can only match or beat them. At most 16 per
     kind for M > 64 and 8 for M <= 64 (decode is host-bound: GPU run 1 measured 0.202 ms for a 0.019 ms GEMM):
     each candidate is one compile (~1-3 s) per key.
@@ -173,6 +176,12 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
     if size == "small":
         bms, bns, bks = (16, 32, 64), (64, 128), (128, 256)
         warps, stages = (4,), (3, 4, 5)
+    elif kind in ("fwd_xa", "bwd_epi"):
+        # memory-bound launches with one program per row-tile (XA, GB) or per [BM, BK] tile (the epilogue): at
+        # M=8192 a 128-row XA grid is 64 programs on 132 SMs (run 5: 0.035 ms for 64 MB, ~1.8 TB/s), so smaller
+        # row tiles are in the space too (untimed so far)
+        bms, bns, bks = (32, 64, 128), (16,) if kind == "fwd_xa" else (64, 128), (64, 128, 256)
+        warps, stages = (2, 4, 8), (2, 3, 4)
     else:
         bms, bns, bks = (128, 256), ((128, 256) if base == "fwd" else (64, 128)), (64, 128)
         warps, stages = (4, 8), (3, 4, 5)
@@ -180,7 +189,7 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
     for bm in bms:
         for bn in bns:
             for bk in bks:
-                acc = bm * (bn if base == "fwd" else bk) + bm * r_pad
+                acc = (bm if kind == "fwd_xa" else bm * (bn if base == "fwd" else bk)) + bm * r_pad
                 for w in warps:
                     if acc / (32 * w) > 128 + 16:  # fp32 accumulator registers per thread
                         continue
