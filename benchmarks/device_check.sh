@@ -14,8 +14,9 @@
 #                                                                  -> $OUT/bench.csv, bench.md, bench.png
 #   memscale  benchmarks/memory_scale.py --gpu, headline pair first (ours ckpt+chunked CE vs HF Trainer+peft+ckpt,
 #             ~1.1B Llama, bf16, 4 x 2048)                         -> $OUT/memory_scale.csv (table in the log)
-#   tune      benchmarks/gpu_triton_tune.py --m 8192: autotunes what the Triton auto plan launches (budget 30 s), times
-#             every plan's forward and the backward (atomic and deterministic), checks them against torch; in the log
+#   tune      benchmarks/gpu_triton_tune.py --m 8192 1024: autotunes what the Triton auto plan launches (budget 30 s),
+#             times every plan's forward and fwd+bwd and the backward (atomic, deterministic, dB-by-launch), checks
+#             every plan against the fp64 oracle; in the log
 #   bisect    (not by default; GPU run 4 answered it) benchmarks/gpu_unaligned_bisect.py: which kernel / tile /
 #             compiler change avoids the Triton unaligned 16-bit fault (RESULT lines in device_check.log; never a FAIL)
 # Files under $OUT (at most 8 come back): device_check.log build.log gpu_tests.log sanitizer.log bench.csv
@@ -263,7 +264,7 @@ EOF
   fi
 
   if want tune; then
-    local to targs=(--m 8192 --budget "${DC_TUNE_BUDGET_S:-30}")
+    local to targs=(--m 8192 1024 --budget "${DC_TUNE_BUDGET_S:-30}")
     to=$(step_timeout "${DC_TUNE_S:-90}" tune)
     [ "$DRY" = 1 ] && targs=(--dry-run)
     run_step tune "$to" - "$PY" benchmarks/gpu_triton_tune.py "${targs[@]}"

@@ -199,6 +199,30 @@ def main() -> int:
             f"dB-by-launch {t_bwd_dbl:.4f}, vs base G W {t_base_bwd:.4f} ms"
         )
 
+        # fwd+bwd per plan (the backward follows its forward's plan), base F.linear fwd+bwd as the floor: where
+        # fused and library cross over in M decides launch.AUTO_LIBRARY_MIN_M
+        def fwd_bwd(plan):
+            def step():
+                lkt.set_forward_plan(plan)
+                try:
+                    yv = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton")
+                finally:
+                    lkt.set_forward_plan(None)
+                torch.autograd.grad(yv, (xg, ag, bg), g)
+
+            return do_bench(step, warmup=10, rep=50)
+
+        xb = x.detach().requires_grad_()
+        t_fb_base = do_bench(
+            lambda: torch.autograd.grad(torch.nn.functional.linear(xb, w), (xb,), g), warmup=10, rep=50
+        )
+        fb = {plan: fwd_bwd(plan) for plan in ("fused", "split", "library")}
+        print(
+            f"M={m} p={p}: fwd+bwd base {t_fb_base:.4f} | "
+            + " | ".join(f"{k} {v:.4f} (x{v / t_fb_base:.2f})" for k, v in fb.items())
+            + f" ms; auto: {lkt.launch.resolve_plan('auto', m, p)}"
+        )
+
         # 3. correctness vs the torch backend, fp64 oracle
         ref = run("torch", x.double(), w.double(), a.double(), b.double(), g.double(), p)
         tor = run("torch", x, w, a, b, g, p)
