@@ -23,6 +23,7 @@ def _sft(argv: list[str]) -> int:
     from lora_kernels.sft.data import DataError
     from lora_kernels.sft.modeling import ModelError
 
+    code = 0
     try:
         cfg = config_from_argv(argv)
         from lora_kernels.sft.train import run_sft
@@ -30,8 +31,12 @@ def _sft(argv: list[str]) -> int:
         run_sft(cfg)
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         print(f"lora-kernels sft: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    from lora_kernels import distributed
+
+    if distributed.launched_by_torchrun():
+        distributed.exit_worker(code)  # a finished gloo worker can abort in interpreter shutdown (see there)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
