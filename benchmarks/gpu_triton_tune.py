@@ -203,11 +203,8 @@ def main() -> int:
         # fused and library cross over in M decides launch.AUTO_LIBRARY_MIN_M
         def fwd_bwd(plan):
             def step():
-                lkt.set_forward_plan(plan)
-                try:
+                with lkt.forward_plan(plan):
                     yv = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton")
-                finally:
-                    lkt.set_forward_plan(None)
                 torch.autograd.grad(yv, (xg, ag, bg), g)
 
             return do_bench(step, warmup=10, rep=50)

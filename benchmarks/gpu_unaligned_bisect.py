@@ -118,14 +118,11 @@ def run_trial(case: str, trial: str, spec, device: str) -> str:
     if trial == "other-plan":
         plan = "fused" if x.numel() // k >= launch.AUTO_LIBRARY_MIN_M else "split"
     tiles = TILES.get(trial, {})
-    launch.set_forward_plan(plan)
-    try:
+    with launch.forward_plan(plan):
         with configs.override(**tiles) if tiles else contextlib.nullcontext():
             tri = run("triton", clones((x, w, b, a, bb)), g, fwd_only)
             if device == "cuda":
                 torch.cuda.synchronize()
-    finally:
-        launch.set_forward_plan(None)
     tor = run("torch", clones((x, w, b, a, bb)), g, fwd_only)
     ref = run("torch", clones((x, w, b, a, bb), torch.float64), g.double(), fwd_only)
     worst = ""

@@ -241,12 +241,9 @@ def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches, mon
     x.requires_grad_()
     a.requires_grad_()
     bb.requires_grad_()
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         with lkt.launch_counter() as fwd:
             y = lora_linear(x, w, b, a, bb, 2.0, p, seed=3, backend="triton", deterministic=deterministic)
-    finally:
-        lkt.set_forward_plan(None)
     with lkt.launch_counter() as bwd:  # the plan is global again: the backward follows its forward's plan
         y.backward(torch.ones_like(y))
     assert (fwd.count, fwd.library) == fwd_launches, fwd.kernels
@@ -266,8 +263,7 @@ def test_plans_match_oracle(plan, case, monkeypatch):
     if plan == "library-db-launch":
         monkeypatch.setenv(lk_launch.LIBRARY_DB_ENV, "launch")
         plan = "library"
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         if case == "bf16-fp32adapters-dropout":
             check_against_oracle(*make_inputs(129, 72, 130, 16, torch.bfloat16, adapter_dtype=torch.float32), p=0.2)
         elif case == "fp16-3d-transposed-R":
@@ -281,29 +277,21 @@ def test_plans_match_oracle(plan, case, monkeypatch):
             x, w, b, a, bb = make_inputs(0, 72, 40, 4, torch.bfloat16, lead=(3, 30))
             g = torch.full((1, 1, 1), 0.5, dtype=torch.bfloat16, device=DEVICE).expand(3, 30, 40)
             check_against_oracle(x, w, b, a, bb, g=g, grads=("x",))
-    finally:
-        lkt.set_forward_plan(None)
 
 
 @needs_runnable
 def test_split_plan_same_result_two_launches():
     x, w, b, a, bb = make_inputs(70, 100, 90, 5, torch.bfloat16)
-    lkt.set_forward_plan("fused")
-    try:
+    with lkt.forward_plan("fused"):
         with lkt.launch_counter() as c1:
             fused = run("triton", x, w, b, a, bb, p=0.2)
-    finally:
-        lkt.set_forward_plan(None)
     assert c1.kernels[0] == "lora_fwd_kernel" and c1.count == 2, c1.kernels  # 1 forward + 1 backward
     assert lkt.get_forward_plan() == "auto"
-    lkt.set_forward_plan("split")
-    try:
+    with lkt.forward_plan("split"):
         assert lkt.get_forward_plan() == "split"
         with lkt.launch_counter() as c:
             lora_linear(x, w, b, a, bb, 2.0, 0.2, seed=7, backend="triton")
         split = run("triton", x, w, b, a, bb, p=0.2)
-    finally:
-        lkt.set_forward_plan(None)
     assert c.count == 2, c.kernels
     for name in fused:  # both plans accumulate XA over K in the same order and round it identically
         assert torch.equal(fused[name], split[name]), name
@@ -328,12 +316,9 @@ def test_autocast_every_plan(plan):
     x, w, b, a, bb = make_inputs(70, 64, 48, 4, torch.float32)
     dev = torch.device(DEVICE).type
     gy = torch.randn(70, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         with torch.autocast(dev, dtype=torch.bfloat16):
             tri = run("triton", x, w, b, a, bb, p=0.1, g=gy)
-    finally:
-        lkt.set_forward_plan(None)
     with torch.autocast(dev, dtype=torch.bfloat16):
         tor = run("torch", x, w, b, a, bb, p=0.1, g=gy)
     ref = run("torch", *(t.double() for t in (x, w, b, a, bb)), p=0.1, g=gy.double())
@@ -396,11 +381,8 @@ def test_opcheck(with_r, plan):
     rm = torch.randn(3, 3, device=DEVICE, requires_grad=True) if with_r else None
     for t in (x, a, bb):
         t.requires_grad_()
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         torch.library.opcheck(lora_fwd, (x, w, b, a, bb, rm, 2.0, 0.25, 3, 0, False))
-    finally:
-        lkt.set_forward_plan(None)
     xa = torch.randn(9, 3, device=DEVICE)
     g = torch.randn(9, 24, device=DEVICE)
     rm_ = None if rm is None else rm.detach()
@@ -447,14 +429,11 @@ def test_torch_compile_fullgraph(plan):
     opts = LoRAOpts(scale=2.0, dropout_p=0.1, seed=4)
     fn = lambda x: apply(x, w, b, a, bb, None, opts)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         y_eager = fn(x)
         (ga_eager,) = torch.autograd.grad(y_eager.float().sum(), [a])
         y = compiled(x)
         (ga,) = torch.autograd.grad(y.float().sum(), [a])
-    finally:
-        lkt.set_forward_plan(None)
     assert torch.equal(y, y_eager) and torch.equal(ga, ga_eager)
 
 
@@ -586,12 +565,9 @@ def test_split_plan_tiles_on_tails_in_bounds():
     xa = configs.candidates("fwd_xa", 8192, 16, "bfloat16", (9, 0))[0]
     assert gemm[:3] == (128, 256, 64) and xa[:3] == (64, 16, 64), (gemm, xa)
     x, w, b, a, bb = make_inputs(131, 133, 270, 16, torch.bfloat16, adapter_dtype=torch.float32)
-    lk_launch.set_forward_plan("split")
-    try:
+    with lk_launch.forward_plan("split"):
         with configs.override(fwd1=gemm, fwd2=xa), address_sanitizer():
             check_against_oracle(x, w, b, a, bb, p=0.1)
-    finally:
-        lk_launch.set_forward_plan(None)
 
 
 def test_unaligned_tiles_are_logged_once(caplog):
@@ -753,11 +729,8 @@ def test_gpu_matches_oracle(dtype, m, k, n, r):
 def test_gpu_both_plans_with_dropout(plan):
     """The auto plan runs library for M > 64 and fused below, so the GPU oracle matrix covers each plan at one side
     only: here every plan at M > 64, aligned (the tiles a 4096-wide layer gets), bf16 with fp32 adapters."""
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         check_against_oracle(*make_inputs(512, 1024, 768, 16, torch.bfloat16, adapter_dtype=torch.float32), p=0.1)
-    finally:
-        lkt.set_forward_plan(None)
 
 
 @pytest.mark.gpu
@@ -767,11 +740,8 @@ def test_gpu_both_plans_with_dropout(plan):
 def test_gpu_small_rank_aligned(dtype, r, plan):
     """Aligned sizes with a rank below 16 (masked R_PAD columns) and an M tail on the default (wgmma) tiles: GPU
     run 4 left open whether the unaligned failure (fp16, r=3) needs the unaligned strides or only the rank mask."""
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         check_against_oracle(*make_inputs(777, 1024, 512, r, dtype), p=0.1)
-    finally:
-        lkt.set_forward_plan(None)
 
 
 @pytest.mark.gpu
@@ -793,11 +763,8 @@ def test_gpu_launch_count_profiler(deterministic, plan):
     x.requires_grad_()
     a.requires_grad_()
     bb.requires_grad_()
-    lkt.set_forward_plan(plan)
-    try:
+    with lkt.forward_plan(plan):
         _profile_launches(x, w, b, a, bb, deterministic, extra=int(plan == "auto"))
-    finally:
-        lkt.set_forward_plan(None)
 
 
 def _profile_launches(x, w, b, a, bb, deterministic, extra):

@@ -6,6 +6,6 @@ Layers: ``forward.py`` / ``backward.py`` (the ``@triton.jit`` kernels, tiling ex
 (the registry's ``supports``/``apply``). Importing this package imports triton; ``import lora_kernels`` does not.
 """
 
-from .launch import LaunchCounter, get_forward_plan, launch_counter, set_forward_plan
+from .launch import LaunchCounter, forward_plan, get_forward_plan, launch_counter, set_forward_plan
 
-__all__ = ["LaunchCounter", "get_forward_plan", "launch_counter", "set_forward_plan"]
+__all__ = ["LaunchCounter", "forward_plan", "get_forward_plan", "launch_counter", "set_forward_plan"]

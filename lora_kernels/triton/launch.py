@@ -63,6 +63,18 @@ def set_forward_plan(plan: str | None) -> None:
     _plan = plan
 
 
+@contextlib.contextmanager
+def forward_plan(plan: str | None):
+    """``with forward_plan("library"): ...``: :func:`set_forward_plan` for the block, the previous choice after."""
+    global _plan
+    saved = _plan
+    set_forward_plan(plan)
+    try:
+        yield
+    finally:
+        _plan = saved
+
+
 def get_forward_plan() -> str:
     if _plan is not None:
         return _plan
@@ -321,6 +333,14 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed
     return y, xa
 
 
+def _xa_rt(xa: torch.Tensor, lora_R: torch.Tensor | None) -> torch.Tensor:
+    """``XA Rᵀ`` in XA's dtype (XA itself without lora_R): the rank-r operand of Y's update and of dB."""
+    if lora_R is None:
+        return xa
+    _count_library("mm")
+    return xa @ lora_R.t().to(xa.dtype)
+
+
 def _rows2d(t: torch.Tensor) -> torch.Tensor:
     """``t[..., L]`` as an ``[M, L]`` matrix for a library GEMM: a view when the leading dims merge (the usual
     case: contiguous activations and gradients), else a copy (e.g. a transposed 3-D x; the Triton launches read
@@ -339,11 +359,7 @@ def _library_forward(x, weight, bias, lora_B, lora_R, scale, xa, y) -> None:
     else:
         torch.addmm(bias, x2, weight.t(), out=y2)
     _count_library("mm")
-    xr = xa
-    if lora_R is not None:
-        xr = xa @ lora_R.t().to(xa.dtype)
-        _count_library("mm")
-    y2.addmm_(xr.to(dt), lora_B.t().to(dt), alpha=float(scale))
+    y2.addmm_(_xa_rt(xa, lora_R).to(dt), lora_B.t().to(dt), alpha=float(scale))
     _count_library("addmm_")
 
 
@@ -417,7 +433,8 @@ def lora_backward(
                 torch.mm(_rows2d(g), weight, out=dx2)
                 _count_library("mm")
             if need_dx or need_da or need_dr:
-                gb = _gb(g, lora_B, m, n, r, rp, acc, aligned)
+                gb = torch.empty((m, r), dtype=acc, device=x.device)  # GB = G B: one launch reading G once
+                _reduce_rows(g, lora_B.t(), gb, r, rp, aligned, "gb")
 
         # tuning (opt-in) times each candidate on its own scratch buffer: atomics never touch the real sums; in
         # the library plan it also rewrites dX (G W + the LoRA term twice): tuning then runs on a scratch copy
@@ -446,8 +463,8 @@ def lora_backward(
         if db_by_launch:  # after the sum: the partials' dB/db segments were never written, these stores replace them
             g2 = _rows2d(g)
             if need_db:
-                xr = xa if lora_R is None else xa @ lora_R.t().to(acc)
-                _reduce_rows(g2.t(), (xr * scale).t(), flat[off_db : off_db + n * r], r, rp, acc, aligned, "db")
+                xr_s = _xa_rt(xa, lora_R) * scale
+                _reduce_rows(g2.t(), xr_s.t(), flat[off_db : off_db + n * r], r, rp, aligned, "db")
             if need_dbias:
                 torch.sum(g2, dim=0, dtype=acc, out=flat[off_dbias : off_dbias + n])
                 _count_library("sum")
@@ -461,15 +478,8 @@ def _library_db_mode() -> str:
     return mode
 
 
-def _gb(g, lora_B, m, n, r, rp, acc, aligned) -> torch.Tensor:
-    """``GB = G B`` [M, r] in ``acc`` (fp32) for the library backward (one launch, reading G once)."""
-    gb = torch.empty((m, r), dtype=acc, device=g.device)
-    _reduce_rows(g, lora_B.t(), gb, r, rp, acc, aligned, "gb")
-    return gb
-
-
-def _reduce_rows(rows, a, out, r, rp, acc, aligned, name) -> None:
-    """``out [L, r] = rows [..., L, C] @ aᵀ`` with ``a [r, C]``, fp32 accumulation, through the forward kernel's
+def _reduce_rows(rows, a, out, r, rp, aligned, name) -> None:
+    """``out [L, r] = rows [..., L, C] @ aᵀ`` with ``a [r, C]``, accumulated in ``out``'s dtype (fp32), through the forward kernel's
     XA-only mode (a reduction over C; ``rows`` read through its strides, ``a`` cast in-kernel to ``rows``' dtype
     as the fused kernels cast the adapters; no dropout). ``out`` is row-major with row stride r. Used for GB = G B
     (rows = G, a = Bᵀ) and, in the library plan's "launch" dB mode, dB = Gᵀ (s·XA) (rows = Gᵀ, a = (s·XA)ᵀ)."""
