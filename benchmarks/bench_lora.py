@@ -288,7 +288,7 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
             b = builder(inp, case)
             check[name] = checker.check(name, builder, b.own_rng, b.has_lora, b.activate)
             if name.startswith("cuda-"):
-                from lora_kernels.cuda.backend import last_path
+                from lora_kernels.backends.cuda.backend import last_path
 
                 log(f"  {name}: main loop taken {last_path()}")
         except Exception as e:  # a provider that crashes is a failure to report, not a reason to stop the run
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     device = a.device or pre["device"]
     allow_interp = a.allow_interpreter or pre.get("allow_interpreter", False)
     if device == "cpu" and allow_interp:
-        # Must be set before lora_kernels.triton decorates its kernels (it is imported lazily, after this).
+        # Must be set before lora_kernels.backends.triton decorates its kernels (it is imported lazily, after this).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"preset {a.preset!r} needs a CUDA device and none is available (use --device cpu)", file=sys.stderr)

@@ -6,7 +6,7 @@
 For each M and each policy (LORA_KERNELS_CUDA_KERNEL=simple|pipelined, the latter with LORA_KERNELS_CUDA_BK=32 (the
 default) and 64; read by the extension at each call) it first
 checks y, dx, dA, dB against the torch backend's fp64 evaluation (the tests' rule: error <= 2x torch's own error in
-the same dtypes + 1e-6 relative), records which path the calls took (lora_kernels.cuda.backend.last_path()), then
+the same dtypes + 1e-6 relative), records which path the calls took (lora_kernels.backends.cuda.backend.last_path()), then
 times fwd and fwd+bwd with benchmarks.timing.bench_gpu (median, p20, p80). F.linear (fwd) and F.linear + its
 backward for x (fwd+bwd, the frozen-base floor: dX = G W) are the base. Prints a markdown table; exits 1 on any
 mismatch or when the pipelined policy did not take the pipelined path.
@@ -65,7 +65,7 @@ def fwd_bwd(backend, x, w, a, b, gy):
 
 def check(m: int) -> tuple[bool, list[str]]:
     """Both policies against the fp64 torch oracle; returns (ok, report lines)."""
-    from lora_kernels.cuda.backend import last_path
+    from lora_kernels.backends.cuda.backend import last_path
 
     x, w, a, b, gy = make(m)
     ref = fwd_bwd("torch", x.double(), w.double(), a.double(), b.double(), gy.double())

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("LORA_KERNELS_TRITON_AUTOTUNE", "1")  # before lora_kernels.triton reads it (per call)
+os.environ.setdefault("LORA_KERNELS_TRITON_AUTOTUNE", "1")  # before lora_kernels.backends.triton reads it (per call)
 if "--dry-run" in sys.argv or "--host-time" in sys.argv:  # CPU modes (see main's options): nothing to tune
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["LORA_KERNELS_TRITON_AUTOTUNE"] = "0"
@@ -72,10 +72,10 @@ def main() -> int:
         print("gpu_triton_tune: triton is not importable", file=sys.stderr)
         return 2
 
-    import lora_kernels.triton as lkt
+    import lora_kernels.backends.triton as lkt
+    from lora_kernels.backends.triton import configs
     from lora_kernels.functional import lora_linear
     from lora_kernels.testing import max_abs_err, oracle_check
-    from lora_kernels.triton import configs
 
     t_start = time.perf_counter()
     configs.tune_deadline = t_start + args.budget  # checked between candidates inside configs.choose
@@ -257,7 +257,7 @@ def main() -> int:
             not_tuned.append(f"fused forward M={big} p=0 (compared on default tiles only)")
 
     print(
-        "\nwinners, for lora_kernels/triton/configs.py (_SM90 rows, first entry = default; fwd0 -> ('fwd', size),"
+        "\nwinners, for lora_kernels/backends/triton/configs.py (_SM90 rows, first entry = default; fwd0 -> ('fwd', size),"
         " fwd1 -> ('fwd_gemm', size), fwd2 / gb -> ('fwd_xa', size), bwd -> ('bwd', size), bwd_epi -> ('bwd_epi', size)):"
     )
     print("\n".join(rows) if rows else "    (nothing tuned)")
@@ -277,8 +277,8 @@ def host_time() -> int:
     import torch
 
     from lora_kernels.backends import LoRAOpts
+    from lora_kernels.backends.triton import backend, configs, launch
     from lora_kernels.functional import lora_linear
-    from lora_kernels.triton import backend, configs, launch
 
     configs.interpreting = lambda: False
     launch._launch = lambda kernel, grid, *a, count=True, **kw: None

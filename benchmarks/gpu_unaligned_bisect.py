@@ -1,4 +1,4 @@
-"""Locate the Triton unaligned 16-bit GPU bug (lora_kernels/triton/NOTES.md) in one device-check step.
+"""Locate the Triton unaligned 16-bit GPU bug (lora_kernels/backends/triton/NOTES.md) in one device-check step.
 
 GPU runs 1 and 3 (H200, triton 3.6) failed on two 16-bit launches whose sizes/strides are not multiples of 16:
 fp16 M777 K1111 -> N555 r3 (wrong dX, max error ~15-20) and bf16 [4, 333, 1000] -> 700 r16, fp32 adapters,
@@ -74,9 +74,9 @@ def run_trial(case: str, trial: str, spec, device: str) -> str:
 
     import torch
 
+    from lora_kernels.backends.triton import configs, launch
     from lora_kernels.functional import lora_linear
     from lora_kernels.testing import oracle_check
-    from lora_kernels.triton import configs, launch
 
     dt_name, adt_name, lead, k, n, r, p, bias, grads, det = spec
     dtype, adt = getattr(torch, dt_name), getattr(torch, adt_name)

@@ -19,7 +19,7 @@ fp32 adapters and bf16 autocast (Trainer ``bf16=True``); on CPU everything is fp
 
 Measurement: ``--warmup`` steps, then ``--steps`` timed steps (median step time -> tokens/s = batch * seq /
 median). Peak memory: GPU ``torch.cuda.max_memory_allocated`` over the timed and warm-up steps (reset after the
-model is built); CPU the resident set size sampled every 5 ms by ``lora_kernels.memory.PeakMemory`` from just
+model is built); CPU the resident set size sampled every 5 ms by ``lora_kernels.training.memory.PeakMemory`` from just
 before the first step, each configuration in a fresh process (``rss_delta`` = peak - RSS before training: what
 the training step adds to the loaded model). Rows are appended to ``benchmarks/results/memory_scale_<dev>.csv``
 and a markdown table with ratios against ``hf-peft`` and ``hf-peft-ckpt`` is printed and written next to it.
@@ -64,7 +64,9 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
-        from lora_kernels.sft.modeling import load_smollm2  # drops the GGUF quantization tag (HF Trainer refuses it)
+        from lora_kernels.training.sft.modeling import (
+            load_smollm2,  # drops the GGUF quantization tag (HF Trainer refuses it)
+        )
 
         model, _ = load_smollm2()
         return model.to(device=device, dtype=dtype).train()
@@ -113,9 +115,9 @@ def _sync(device: str) -> None:
 
 
 def run_ours(config: str, args, peak) -> tuple[list[float], list[float]]:
-    from lora_kernels.inject import apply_lora
-    from lora_kernels.losses import enable_chunked_loss
-    from lora_kernels.memory import cast_frozen_params, enable_gradient_checkpointing
+    from lora_kernels.adapters.inject import apply_lora
+    from lora_kernels.training.losses import enable_chunked_loss
+    from lora_kernels.training.memory import cast_frozen_params, enable_gradient_checkpointing
 
     gpu = args.device.startswith("cuda")
     model = build_model(args.model, args.device, torch.float32 if not gpu else torch.bfloat16)
@@ -232,7 +234,7 @@ def _versions() -> dict:
 
 
 def measure(config: str, args) -> dict:
-    from lora_kernels.memory import PeakMemory
+    from lora_kernels.training.memory import PeakMemory
 
     pre = 0
     if args.device.startswith("cuda"):

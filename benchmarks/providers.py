@@ -172,7 +172,9 @@ def build_peft(inp: Inputs, case: Case) -> Built:
     return Built("peft", layer, params, own_rng=True, excluded_storages=_storage_ptrs(inp.weight, *params))
 
 
-CUDA_POLICY_ENV = "LORA_KERNELS_CUDA_KERNEL"  # read by the extension at every call (lora_kernels/cuda/backend.py)
+CUDA_POLICY_ENV = (
+    "LORA_KERNELS_CUDA_KERNEL"  # read by the extension at every call (lora_kernels/backends/cuda/backend.py)
+)
 
 
 def variant_activator(backend: str, variant: str | None) -> Callable[[], None] | None:
@@ -180,7 +182,7 @@ def variant_activator(backend: str, variant: str | None) -> Callable[[], None] |
     if variant is None:
         return None
     if backend == "triton":
-        import lora_kernels.triton as lkt
+        import lora_kernels.backends.triton as lkt
 
         def activate():
             if lkt.get_forward_plan() != variant:
@@ -242,13 +244,13 @@ def _backend_reason(backend: str, case: Case, inp: Inputs) -> str | None:
 def triton_plans() -> tuple[str, ...]:
     """The forward plans the Triton module exposes (empty when it has no plan switch)."""
     try:
-        import lora_kernels.triton as lkt
+        import lora_kernels.backends.triton as lkt
     except ImportError:
         return ()
     if not (hasattr(lkt, "set_forward_plan") and hasattr(lkt, "get_forward_plan")):
         return ()
     try:
-        from lora_kernels.triton.launch import PLANS
+        from lora_kernels.backends.triton.launch import PLANS
     except ImportError:
         return ("fused", "split")
     return tuple(PLANS)
@@ -259,7 +261,7 @@ def cuda_policies(case: Case) -> tuple[str, ...]:
     if not case.device.startswith("cuda"):
         return ()
     try:
-        import lora_kernels.cuda.backend as lkc
+        import lora_kernels.backends.cuda.backend as lkc
     except ImportError:
         return ()
     return ("simple", "pipelined") if hasattr(lkc, "last_path") else ()
@@ -299,7 +301,10 @@ def select(
                     continue
                 if os.environ.get("TRITON_INTERPRET") != "1":
                     skipped.append(
-                        Skipped(name, "CPU tensors need TRITON_INTERPRET=1 set before lora_kernels.triton is imported")
+                        Skipped(
+                            name,
+                            "CPU tensors need TRITON_INTERPRET=1 set before lora_kernels.backends.triton is imported",
+                        )
                     )
                     continue
             variants = triton_plans() if name == "triton" else cuda_policies(case) if name == "cuda" else ()

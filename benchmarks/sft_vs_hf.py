@@ -41,9 +41,9 @@ def _current_rss_mib() -> float:
 
 def _rows_in_step_order(args, tokenizer):
     """The exact rows our loop trains on, in its step order (so HF sees the same batches)."""
-    from lora_kernels.sft.config import build_config
-    from lora_kernels.sft.data import prepare_data
-    from lora_kernels.sft.train import StepSampler, row_lengths
+    from lora_kernels.training.sft.config import build_config
+    from lora_kernels.training.sft.data import prepare_data
+    from lora_kernels.training.sft.train import StepSampler, row_lengths
 
     cfg = build_config(overrides=_sft_overrides(args))
     data = prepare_data(cfg, tokenizer, log=lambda *_: None)
@@ -82,8 +82,8 @@ def _sft_overrides(args) -> dict:
 
 
 def child_ours(args) -> dict:
-    from lora_kernels.sft.config import build_config
-    from lora_kernels.sft.train import run_sft
+    from lora_kernels.training.sft.config import build_config
+    from lora_kernels.training.sft.train import run_sft
 
     cfg = build_config(overrides={**_sft_overrides(args), "eval_batch_size": args.batch_size})
     # eval before/after is part of our run but not of the HF one: keep it out of the timed steps (it is), and
@@ -107,7 +107,7 @@ def child_hf(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from lora_kernels.sft.data import ensure_chat_template
+    from lora_kernels.training.sft.data import ensure_chat_template
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
@@ -189,8 +189,8 @@ def child_hf(args) -> dict:
 def _export_model(model_dir: Path) -> None:
     if (model_dir / "config.json").is_file():
         return
-    from lora_kernels.sft.export import save_hf_folder
-    from lora_kernels.sft.modeling import load_model
+    from lora_kernels.training.sft.export import save_hf_folder
+    from lora_kernels.training.sft.modeling import load_model
 
     model, tok = load_model("smollm2")
     save_hf_folder(model, tok, model_dir)

@@ -13,7 +13,7 @@
 
 namespace lora {
 
-// dtype codes shared with lora_kernels/cuda/backend.py (_DTYPE_CODES)
+// dtype codes shared with lora_kernels/backends/cuda/backend.py (_DTYPE_CODES)
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaxRank = 256;

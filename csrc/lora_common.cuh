@@ -34,7 +34,7 @@ __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// An fp32 intermediate (XA, GB) as a GEMM operand under the precision contract (lora_kernels/ops/torch_lora.py):
+// An fp32 intermediate (XA, GB) as a GEMM operand under the precision contract (lora_kernels/backends/torch/lora.py):
 // rounded to the activation dtype T, kept in fp32 registers / shared memory. Identity for T = float.
 template <typename T>
 __device__ __forceinline__ float operand_round(float v) {

@@ -1,4 +1,4 @@
-// The dropout hash of lora_kernels/_rng.py, mirrored bit for bit (that file is the definition; read it first).
+// The dropout hash of lora_kernels/backends/mask.py, mirrored bit for bit (that file is the definition; read it first).
 //
 //   mix32(x) = lowbias32:  x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16  (mod 2^32)
 //   key_lo   = mix32((seed       & 0xFFFFFFFF) ^ 0x243F6A88)
@@ -8,7 +8,7 @@
 //   keep     = h >= threshold                          (threshold = min(round(p * 2^32), 2^32 - 1), host side)
 //
 // __host__ __device__ so that the binding can expose the host copy to the CPU tests
-// (tests/test_cuda_build.py compares it with lora_kernels._rng.dropout_keep_mask without a GPU).
+// (tests/test_cuda_build.py compares it with lora_kernels.backends.mask.dropout_keep_mask without a GPU).
 #pragma once
 
 #include <cstdint>

@@ -42,7 +42,7 @@ DTYPES = {
 
 
 def main() -> int:
-    from lora_kernels.cuda.backend import last_path
+    from lora_kernels.backends.cuda.backend import last_path
 
     failures = 0
     gen = torch.Generator().manual_seed(0)

@@ -21,21 +21,21 @@ from .functional import lora_linear, lora_linear_reference  # noqa: E402
 
 # Heavier pieces load on first attribute access (PEP 562) so `import lora_kernels` stays lean.
 _LAZY = {
-    "LoRALinear": "lora_kernels.layer",
-    "apply_lora": "lora_kernels.inject",
-    "merge_lora": "lora_kernels.inject",
-    "unmerge_lora": "lora_kernels.inject",
-    "lora_modules": "lora_kernels.inject",
-    "lora_state_dict": "lora_kernels.inject",
-    "LoRAConfig": "lora_kernels.config",
+    "LoRALinear": "lora_kernels.nn.lora",
+    "apply_lora": "lora_kernels.adapters.inject",
+    "merge_lora": "lora_kernels.adapters.inject",
+    "unmerge_lora": "lora_kernels.adapters.inject",
+    "lora_modules": "lora_kernels.adapters.inject",
+    "lora_state_dict": "lora_kernels.adapters.inject",
+    "LoRAConfig": "lora_kernels.adapters.config",
     "load_smollm2": "lora_kernels.models",
-    "SubspaceLinear": "lora_kernels.subspace",
-    "apply_subspace": "lora_kernels.subspace",
-    "merge_subspace": "lora_kernels.subspace",
-    "save_subspace": "lora_kernels.subspace",
-    "load_subspace": "lora_kernels.subspace",
-    "save_adapter": "lora_kernels.adapter",
-    "load_adapter": "lora_kernels.adapter",
+    "SubspaceLinear": "lora_kernels.nn.subspace",
+    "apply_subspace": "lora_kernels.nn.subspace",
+    "merge_subspace": "lora_kernels.nn.subspace",
+    "save_subspace": "lora_kernels.nn.subspace",
+    "load_subspace": "lora_kernels.nn.subspace",
+    "save_adapter": "lora_kernels.adapters.io",
+    "load_adapter": "lora_kernels.adapters.io",
 }
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""``lora-kernels`` console script. Subcommands: ``sft`` (supervised fine-tuning, see ``lora_kernels.sft``) and
-``compare`` (full fine-tuning vs subspace vs LoRA on text classification, see ``lora_kernels.classify``)."""
+"""``lora-kernels`` console script. Subcommands: ``sft`` (supervised fine-tuning, see ``lora_kernels.training.sft``) and
+``compare`` (full fine-tuning vs subspace vs LoRA on text classification, see ``lora_kernels.training.classify``)."""
 
 from __future__ import annotations
 
@@ -14,25 +14,25 @@ commands:
 
 
 def _sft(argv: list[str]) -> int:
-    from lora_kernels.sft.config import ConfigError, config_from_argv, help_text
+    from lora_kernels.training.sft.config import ConfigError, config_from_argv, help_text
 
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
-    from lora_kernels.sft.checkpoint import CheckpointError
-    from lora_kernels.sft.data import DataError
-    from lora_kernels.sft.modeling import ModelError
+    from lora_kernels.training.sft.checkpoint import CheckpointError
+    from lora_kernels.training.sft.data import DataError
+    from lora_kernels.training.sft.modeling import ModelError
 
     code = 0
     try:
         cfg = config_from_argv(argv)
-        from lora_kernels.sft.train import run_sft
+        from lora_kernels.training.sft.train import run_sft
 
         run_sft(cfg)
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         print(f"lora-kernels sft: error: {e}", file=sys.stderr)
         code = 2
-    from lora_kernels import distributed
+    from lora_kernels.training import distributed
 
     if distributed.launched_by_torchrun():
         distributed.exit_worker(code)  # a finished gloo worker can abort in interpreter shutdown (see there)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "sft":
         return _sft(rest)
     if cmd == "compare":
-        from lora_kernels.classify.cli import main as classify_main
+        from lora_kernels.training.classify.cli import main as classify_main
 
         return classify_main(["compare", *rest])
     print(f"lora-kernels: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)

@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from . import _rng
-from .backends import LoRAOpts, resolve
+from .backends import mask as _rng
+from .backends.base import LoRAOpts
+from .backends.registry import resolve
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from lora_kernels import apply_lora, load_adapter, lora_modules, save_adapter
-from lora_kernels.adapter import CONFIG_NAME, WEIGHTS_NAME
+from lora_kernels.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 from lora_kernels.models import tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install peft)")

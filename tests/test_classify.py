@@ -1,4 +1,4 @@
-"""Sequence classification (``lora_kernels.classify``): metrics, data, the loop, and the comparison command.
+"""Sequence classification (``lora_kernels.training.classify``): metrics, data, the loop, and the comparison command.
 
 The loop and the command are exercised on the synthetic keyword task with a tiny random BERT (seconds); the real
 task (MiniLM-L6 + BBC News) runs in ``--quick`` mode when its two packages are installed, and is skipped with
@@ -14,11 +14,11 @@ import json
 import pytest
 import torch
 
-from lora_kernels.classify import data as D
-from lora_kernels.classify.cli import main
-from lora_kernels.classify.compare import COLUMNS, load_config, merge
-from lora_kernels.classify.models import tiny_bert
-from lora_kernels.classify.train import (
+from lora_kernels.training.classify import data as D
+from lora_kernels.training.classify.cli import main
+from lora_kernels.training.classify.compare import COLUMNS, load_config, merge
+from lora_kernels.training.classify.models import tiny_bert
+from lora_kernels.training.classify.train import (
     TrainConfig,
     accuracy_and_macro_f1,
     evaluate,
@@ -200,7 +200,7 @@ def test_decoder_classifier_head_is_score(method):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert "score.weight" in trainable and not any(n.startswith("score.lora") for n in trainable)
     train, test = D.synthetic_task(32, 4, 64, 8, seed=0), D.synthetic_task(16, 4, 64, 8, seed=1)
-    from lora_kernels.classify.train import train as train_loop
+    from lora_kernels.training.classify.train import train as train_loop
 
     stats = train_loop(model, train, TrainConfig(method=method, r=4, lr=1e-2, epochs=1, batch_size=8))
     assert stats["steps"] == 4 and all(torch.isfinite(torch.tensor(stats["losses"])))

@@ -1,5 +1,5 @@
 """CPU-side checks of the CUDA backend: the built extension imports and fails cleanly without a GPU, the boundary
-validates its arguments, the host copy of the kernels' dropout hash equals lora_kernels._rng, and the backend
+validates its arguments, the host copy of the kernels' dropout hash equals lora_kernels.backends.mask, and the backend
 reports itself unavailable with the reason. CI builds the extension first (`python setup.py build_ext --inplace`).
 """
 
@@ -15,8 +15,8 @@ import torch
 from helpers import HAS_CUDA, requires_native
 
 import lora_kernels
-from lora_kernels import _rng
-from lora_kernels.cuda import backend as cuda_backend
+from lora_kernels.backends import mask as _rng
+from lora_kernels.backends.cuda import backend as cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 

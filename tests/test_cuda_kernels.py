@@ -25,7 +25,7 @@ from helpers import (
 )
 
 import lora_kernels
-from lora_kernels import _rng
+from lora_kernels.backends import mask as _rng
 from lora_kernels.functional import lora_linear
 
 pytestmark = [pytest.mark.gpu, requires_cuda, requires_sm(8, 0), requires_native]
@@ -157,7 +157,7 @@ def test_m_zero_launches_nothing():
     ids=["small", "offset-wraps-32bit", "maxseed"],
 )
 def test_dropout_mask_equals_rng(seed, offset):
-    """The forward's and the backward's masks, read back exactly, equal lora_kernels._rng.dropout_keep_mask.
+    """The forward's and the backward's masks, read back exactly, equal lora_kernels.backends.mask.dropout_keep_mask.
 
     Forward: x = 1, W = 0, A = B = I (r = K = N) -> y = s · Z / (1-p).
     Backward: G = 1, W = 0, B = 1, A = 1 (r = 1) -> dx = s · N · Z / (1-p).
@@ -168,7 +168,7 @@ def test_dropout_mask_equals_rng(seed, offset):
     eye = torch.eye(k, device=DEV)
     y = lora_linear(x, torch.zeros(k, k, device=DEV), None, eye, eye, 1.0, p, backend="cuda", **opts)
     want = _rng.dropout_keep_mask(seed, offset, m, k, p, device=DEV)
-    assert torch.equal(y != 0, want), "forward mask differs from lora_kernels._rng"
+    assert torch.equal(y != 0, want), "forward mask differs from lora_kernels.backends.mask"
     assert torch.allclose(y[want], torch.full_like(y[want], 1.0 / (1.0 - p)))
 
     k2, n2 = 300, 8
@@ -186,7 +186,7 @@ def test_dropout_mask_equals_rng(seed, offset):
     )
     (dx,) = torch.autograd.grad(y2, [x2], torch.ones_like(y2))
     want2 = _rng.dropout_keep_mask(seed, offset, m, k2, p, device=DEV)
-    assert torch.equal(dx != 0, want2), "backward mask differs from lora_kernels._rng"
+    assert torch.equal(dx != 0, want2), "backward mask differs from lora_kernels.backends.mask"
 
 
 # ---------------------------------------------------------------------------------------------- determinism, launches
@@ -253,7 +253,7 @@ def expect_path(policy: str, r: int, dtype: torch.dtype) -> str:
 
 
 def check_path(want: str, bwd: bool = True) -> None:
-    from lora_kernels.cuda.backend import last_path
+    from lora_kernels.backends.cuda.backend import last_path
 
     got = last_path()
     assert got["fwd"].startswith(want), got
@@ -280,7 +280,7 @@ def test_policy_matches_oracle(monkeypatch, policy, dtype, m, k, n, r, p, bias, 
 def test_policy_fallbacks_are_reported(monkeypatch, policy):
     """Odd K (no 16-byte rows), a strided x and an expanded grad take the simple loop and say why."""
     set_policy(monkeypatch, policy)
-    from lora_kernels.cuda.backend import last_path
+    from lora_kernels.backends.cuda.backend import last_path
 
     check_against_oracle(*make_inputs(70, 100, 136, 16, torch.bfloat16), p=0.1)  # K % 8 != 0
     assert last_path()["fwd"].startswith("simple") and last_path()["bwd"].startswith("simple")

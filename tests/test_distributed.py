@@ -38,7 +38,7 @@ CONFIGS = {
 def _model(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_kernels.inject import apply_lora
+    from lora_kernels.adapters.inject import apply_lora
 
     cfg = LlamaConfig(
         vocab_size=VOCAB,
@@ -73,9 +73,9 @@ def _global_batch(step):
 
 def train(config: str, dtype=torch.float32) -> list[float]:
     """The training loop under test; single-process when not launched by torchrun."""
-    from lora_kernels import distributed as D
-    from lora_kernels.losses import enable_chunked_loss
-    from lora_kernels.memory import enable_gradient_checkpointing
+    from lora_kernels.training import distributed as D
+    from lora_kernels.training.losses import enable_chunked_loss
+    from lora_kernels.training.memory import enable_gradient_checkpointing
 
     strategy, chunked, ckpt = CONFIGS[config]
     model = _model(dtype)
@@ -116,7 +116,7 @@ def _full_shapes():
 
 
 def _worker(out_dir: str) -> None:
-    from lora_kernels import distributed as D
+    from lora_kernels.training import distributed as D
 
     torch.set_num_threads(1)
     info = D.init_distributed(device="cpu")
@@ -220,7 +220,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
 
 
 def test_single_process_helpers_are_identity():
-    from lora_kernels import distributed as D
+    from lora_kernels.training import distributed as D
 
     info = D.init_distributed(device="cpu")
     assert (info.rank, info.world_size, info.backend, info.is_main) == (0, 1, None, True)
@@ -235,7 +235,7 @@ def test_single_process_helpers_are_identity():
 
 
 def test_bad_input_names_argument(monkeypatch):
-    from lora_kernels import distributed as D
+    from lora_kernels.training import distributed as D
 
     with pytest.raises(ValueError, match="global_batch"):
         D.shard_slice(5, rank=0, world_size=2)
@@ -254,14 +254,14 @@ def test_bad_input_names_argument(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the SFT loop under torchrun (lora_kernels.sft with --distributed ddp)
+# the SFT loop under torchrun (python -m lora_kernels sft --distributed ddp)
 
 WORDS = "apple river stone cloud seven orange violet copper maple harbor lantern falcon".split()
 
 
 @pytest.fixture(scope="module")
 def sft_inputs(tmp_path_factory):
-    from lora_kernels.sft.modeling import save_tiny_random
+    from lora_kernels.training.sft.modeling import save_tiny_random
 
     root = tmp_path_factory.mktemp("sft")
     model = save_tiny_random(root / "model", seed=0, hidden=48, layers=2)
@@ -280,9 +280,9 @@ def _sft_cmd(nproc, model, data, out, name, batch_size, *extra):
         "--num_threads", "1", "--chunked_ce", "--ce_chunk_size", "37", "--gradient_checkpointing", *extra,
     ]  # fmt: skip
     if nproc == 1:
-        return [sys.executable, "-m", "lora_kernels.sft", *args]
+        return [sys.executable, "-m", "lora_kernels", "sft", *args]
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*run, "-m", "lora_kernels.sft", *args]
+    return [*run, "-m", "lora_kernels", "sft", *args]
 
 
 def _sft_env(**extra):

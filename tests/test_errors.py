@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lora_kernels import LoRALinear, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
-from lora_kernels.adapter import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from lora_kernels.adapters.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from lora_kernels.models import tiny_llama
 
 pytest.importorskip("transformers", reason="transformers is a test dependency")

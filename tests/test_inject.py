@@ -11,7 +11,7 @@ from helpers import assert_close_to_oracle
 from torch import nn
 
 from lora_kernels import LoRALinear, apply_lora, lora_modules, merge_lora, unmerge_lora
-from lora_kernels.inject import LoRAInjection, lora_state_dict
+from lora_kernels.adapters.inject import LoRAInjection, lora_state_dict
 from lora_kernels.models import smollm2_gguf_path, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install peft)")

@@ -15,7 +15,8 @@ import torch
 from helpers import assert_close_to_oracle
 from torch import nn
 
-from lora_kernels import LoRALinear, _rng
+from lora_kernels import LoRALinear
+from lora_kernels.backends import mask as _rng
 from lora_kernels.functional import lora_linear_reference
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install peft)")
@@ -361,7 +362,7 @@ def test_extra_repr_shows_settings():
 
 
 def test_backend_and_deterministic_reach_the_op(monkeypatch):
-    import lora_kernels.layer as layer_mod
+    import lora_kernels.nn.lora as layer_mod
 
     seen = {}
 

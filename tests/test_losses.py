@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_to_oracle
 
-from lora_kernels.losses import (
+from lora_kernels.training.losses import (
     auto_chunk_size,
     causal_lm_loss,
     chunked_linear_cross_entropy,
@@ -233,7 +233,7 @@ def test_causal_lm_loss_equals_hf_loss(tie):
 
 
 def test_enable_chunked_loss_routes_model_call():
-    from lora_kernels.losses import disable_chunked_loss, enable_chunked_loss
+    from lora_kernels.training.losses import disable_chunked_loss, enable_chunked_loss
 
     model = _tiny_llama()
     name = type(model).__name__

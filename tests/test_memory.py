@@ -9,10 +9,10 @@ import torch
 from helpers import assert_close_to_oracle
 from torch import nn
 
-from lora_kernels import _rng
-from lora_kernels.inject import apply_lora
-from lora_kernels.losses import causal_lm_loss
-from lora_kernels.memory import (
+from lora_kernels.adapters.inject import apply_lora
+from lora_kernels.backends import mask as _rng
+from lora_kernels.training.losses import causal_lm_loss
+from lora_kernels.training.memory import (
     PeakMemory,
     cast_frozen_params,
     checkpoint_modules,
@@ -247,7 +247,7 @@ def test_peak_rss_sees_a_64mib_touch_in_a_fresh_process():
 
     code = (
         "import torch\n"
-        "from lora_kernels.memory import PeakMemory\n"
+        "from lora_kernels.training.memory import PeakMemory\n"
         "with PeakMemory() as pm:\n"
         "    big = torch.ones(64 * 1024 * 1024 // 4)\n"
         "    pm.update()\n"

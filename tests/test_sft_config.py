@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_kernels.sft.config import ConfigError, SFTConfig, build_config, config_from_argv, parse_overrides
+from lora_kernels.training.sft.config import ConfigError, SFTConfig, build_config, config_from_argv, parse_overrides
 
 
 def test_defaults_are_valid():

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kernels.sft.checkpoint import CheckpointError, list_checkpoints
-from lora_kernels.sft.config import ConfigError, build_config
-from lora_kernels.sft.data import DataError
-from lora_kernels.sft.modeling import ModelError, save_tiny_random
-from lora_kernels.sft.train import run_sft
+from lora_kernels.training.sft.checkpoint import CheckpointError, list_checkpoints
+from lora_kernels.training.sft.config import ConfigError, build_config
+from lora_kernels.training.sft.data import DataError
+from lora_kernels.training.sft.modeling import ModelError, save_tiny_random
+from lora_kernels.training.sft.train import run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "apple river stone cloud seven orange violet copper maple harbor lantern falcon".split()
@@ -110,7 +110,7 @@ def _cli(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     env.pop("LORA_KERNELS_SFT_PAUSE_AT_STEP", None)
     env.update(env_extra or {})
-    return [sys.executable, "-m", "lora_kernels.sft", *args], env
+    return [sys.executable, "-m", "lora_kernels", "sft", *args], env
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_model, dataset):
@@ -167,7 +167,7 @@ def test_gpu_sft_learns_and_resumes(tmp_path, tiny_model, dataset):
     (test_loss_decreases_and_outputs_exist's bound), and a run resumed from its step-4 checkpoint must repeat
     step 5 bit for bit (a forward from the same weights and rows: every op of it is deterministic) and stay on
     the reference's trajectory after it (bf16 rounding, and attention's backward may use atomics on a GPU)."""
-    import lora_kernels.triton as lkt
+    import lora_kernels.backends.triton as lkt
 
     kw = dict(device="cuda", max_steps=12, lr=3e-2, packing=True, lora_dropout=0.1, save_every=4, keep_last=3,
               deterministic=True, gradient_checkpointing=True, chunked_ce=True)  # fmt: skip
@@ -188,7 +188,7 @@ def test_peft_reload_and_merged_export_give_equal_logits(tmp_path, tiny_model, d
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from lora_kernels.adapter import load_adapter
+    from lora_kernels.adapters.io import load_adapter
 
     s = _run(tmp_path, tiny_model, dataset, merge=True, max_steps=4, lr=2e-2)
     run = Path(s["run_dir"])
@@ -262,7 +262,7 @@ def test_step_sampler_grouping_by_length():
     """StepSampler with lengths: each epoch still visits every row of its full steps exactly once, the rows of a
     step depend only on (seed, step, rows_per_step) (so resume and k x b accumulation see the same rows), the
     step order is shuffled, and steps pad far less than without grouping."""
-    from lora_kernels.sft.train import StepSampler
+    from lora_kernels.training.sft.train import StepSampler
 
     gen = torch.Generator().manual_seed(0)
     n, per_step = 803, 8

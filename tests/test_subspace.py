@@ -1,4 +1,4 @@
-"""The subspace method (``lora_kernels.subspace``): frozen top-r singular vectors, trainable ``r x r`` ``R``.
+"""The subspace method (``lora_kernels.nn.subspace``): frozen top-r singular vectors, trainable ``r x r`` ``R``.
 
 Checks: R = 0 reproduces the base layer bit for bit; the frame really is the top-r SVD; gradients of the fused op
 with ``lora_R`` by fp64 gradcheck (torch path; Triton path under the interpreter when the backend supports it);
@@ -18,7 +18,7 @@ from helpers import HAS_TRITON, assert_close_to_oracle
 from torch import nn
 
 from lora_kernels import lora_linear, lora_linear_reference
-from lora_kernels.subspace import (
+from lora_kernels.nn.subspace import (
     CONFIG_NAME,
     SubspaceLinear,
     apply_subspace,
@@ -294,7 +294,7 @@ def test_bad_arguments():
 
 def test_subspace_on_tiny_bert_all_linear():
     """On a HF classifier: all-linear targets every encoder linear, the head is saved; counts are r^2 per layer."""
-    from lora_kernels.classify.models import tiny_bert
+    from lora_kernels.training.classify.models import tiny_bert
 
     torch.manual_seed(0)
     model = tiny_bert(3, layers=2)

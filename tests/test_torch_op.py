@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from helpers import assert_close_to_oracle
 
 import lora_kernels
-from lora_kernels import _rng
 from lora_kernels.backends import BackendUnavailableError
+from lora_kernels.backends import mask as _rng
 from lora_kernels.functional import lora_linear, lora_linear_reference
 
 
@@ -344,7 +344,9 @@ def test_mask_int64_wrapping_multiply_matches_python_and_chunking_is_invisible(m
 
 def test_auto_order_on_gpu_follows_the_measurements():
     """Without dropout at training sizes the torch path goes first on a GPU; with dropout or small M, triton."""
-    from lora_kernels.backends import AUTO_GPU_NO_DROPOUT_MIN_M, LoRAOpts, _auto_order
+    from lora_kernels.backends import LoRAOpts
+    from lora_kernels.backends import auto_order as _auto_order
+    from lora_kernels.backends.heuristics import GPU_NO_DROPOUT_TORCH_MIN_M as AUTO_GPU_NO_DROPOUT_MIN_M
 
     class FakeX:
         def __init__(self, m):

@@ -71,8 +71,8 @@ def compile_for(kernel, pointer_types: dict, constexprs: dict, capability: int, 
 
 
 def _compile_all(capability: int) -> dict:
-    from lora_kernels.triton.backward import lora_bwd_kernel
-    from lora_kernels.triton.forward import lora_fwd_kernel
+    from lora_kernels.backends.triton.backward import lora_bwd_kernel
+    from lora_kernels.backends.triton.forward import lora_fwd_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
     f32 = {
@@ -123,9 +123,9 @@ MAX_SHARED = {90: 232448, 89: 101376}
 def _compile_defaults(capability: int) -> dict:
     """Compile the first (default) tile of every kernel kind as ``configs.candidates`` picks it for a device of
     ``capability`` with ``MAX_SHARED[capability]`` bytes, M=8192, bf16 activations, fp32 adapters, r=16."""
-    from lora_kernels.triton import configs
-    from lora_kernels.triton.backward import lora_bwd_kernel
-    from lora_kernels.triton.forward import lora_fwd_kernel
+    from lora_kernels.backends.triton import configs
+    from lora_kernels.backends.triton.backward import lora_bwd_kernel
+    from lora_kernels.backends.triton.forward import lora_fwd_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
     f32 = {

@@ -5,7 +5,7 @@ torch backend must be <= 2x the torch backend's own max error in the same dtype,
 to the output's magnitude (covers outputs torch computes exactly, e.g. db with M=1).
 
 Interpreter numerics: the kernels round fp32 -> bf16 to nearest even themselves under the interpreter (the
-interpreter truncates; see lora_kernels/triton/_common.cast) and upcast tl.dot operands to fp32 there, so the
+interpreter truncates; see lora_kernels/backends/triton/_common.cast) and upcast tl.dot operands to fp32 there, so the
 CPU run sees GPU-like rounding, not a loosened bound.
 """
 
@@ -30,7 +30,7 @@ from helpers import (
     run_lora,
 )
 
-from lora_kernels import _rng
+from lora_kernels.backends import mask as _rng
 from lora_kernels.functional import lora_linear
 
 pytestmark = [
@@ -40,9 +40,9 @@ pytestmark = [
 ]
 
 if importlib.util.find_spec("triton") is not None:
-    import lora_kernels.triton as lkt
-    from lora_kernels.triton import launch as lk_launch
-    from lora_kernels.triton.ops import lora_bwd, lora_fwd
+    import lora_kernels.backends.triton as lkt
+    from lora_kernels.backends.triton import launch as lk_launch
+    from lora_kernels.backends.triton.ops import lora_bwd, lora_fwd
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -183,7 +183,7 @@ def _mask_from_kernels(m, k, p, seed, offset):
 @needs_runnable
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_is_the_shared_hash(p):
-    """Bit-equal to lora_kernels._rng.dropout_keep_mask in forward and backward; keep-rate within 5 sigma."""
+    """Bit-equal to lora_kernels.backends.mask.dropout_keep_mask in forward and backward; keep-rate within 5 sigma."""
     m, k, seed, offset = 96, 64, 2**40 + 3, 2**32 - 100  # the counter crosses 2**32: exercises hi32(c)
     fwd, bwd = _mask_from_kernels(m, k, p, seed, offset)
     ref = _rng.dropout_keep_mask(seed, offset, m, k, p, device=DEVICE)
@@ -357,7 +357,7 @@ def test_gradcheck_fp64(with_r):
 # ------------------------------------------------------------------ registry, torch.library
 def test_supports_reasons():
     from lora_kernels.backends import LoRAOpts
-    from lora_kernels.triton.backend import supports
+    from lora_kernels.backends.triton.backend import supports
 
     x, w, b, a, bb = make_inputs(4, 16, 8, 2, torch.float32, device="cpu")
     opts = LoRAOpts(scale=1.0)
@@ -417,11 +417,11 @@ def test_torch_compile_fullgraph(plan):
     """Dynamo traces through the backend's custom op (fake impls + registered autograd). aot_eager: tracing is
     what is tested (inductor keeps a custom op as an opaque call anyway), without inductor's codegen time.
 
-    Called through lora_kernels.triton.backend.apply, i.e. below the registry: see NOTES.md for why
+    Called through lora_kernels.backends.triton.backend.apply, i.e. below the registry: see NOTES.md for why
     lora_linear's dispatch itself is not yet traceable with fullgraph=True.
     """
     from lora_kernels.backends import LoRAOpts
-    from lora_kernels.triton.backend import apply
+    from lora_kernels.backends.triton.backend import apply
 
     x, w, b, a, bb = make_inputs(10, 40, 24, 3, torch.bfloat16)
     a.requires_grad_()
@@ -495,7 +495,7 @@ def address_sanitizer():
 
 
 def _sm90_default(kind, m, r, dtype):
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     return configs.candidates(kind, m, lk_launch.r_pad(r), str(dtype).split(".")[-1], (9, 0))[0]
 
@@ -546,7 +546,7 @@ def test_sm90_tiles_on_tails_in_bounds(dtype, adapter_dtype, layout, r):
     rows = math.prod(x.shape[:-1])
     fwd, bwd = _sm90_default("fwd", rows, r, dtype), _sm90_default("bwd", rows, r, dtype)
     assert fwd[:3] == (128, 128, 64) and bwd[:3] == (128, 64, 128), (fwd, bwd)  # what GPU run 1 used
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     with configs.override(fwd=fwd, bwd=bwd), address_sanitizer():
         check_against_oracle(x, w, b, a, bb, p=0.1)
@@ -559,7 +559,7 @@ def test_split_plan_tiles_on_tails_in_bounds():
     """The split plan's own sm_90 defaults (GEMM launch 128x256x64, XA launch 64x16x64: configs._SM90 "fwd_gemm" /
     "fwd_xa") on shapes with a tail in every dim (M % 128, N % 256, K % 64 != 0), dropout on, every access
     bounds-checked, against the fp64 oracle."""
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     gemm = configs.candidates("fwd_gemm", 8192, 16, "bfloat16", (9, 0))[0]
     xa = configs.candidates("fwd_xa", 8192, 16, "bfloat16", (9, 0))[0]
@@ -572,7 +572,7 @@ def test_split_plan_tiles_on_tails_in_bounds():
 
 def test_unaligned_tiles_are_logged_once(caplog):
     """No silent slow path: the first unaligned 16-bit launch of a dtype says why it runs the small tiles."""
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     configs._unaligned_said.discard("float16")
     with caplog.at_level("WARNING", logger="lora_kernels"):
@@ -586,7 +586,7 @@ def test_unaligned_operands_use_32_row_tiles():
     """GPU runs 1-4's failures all ran operands whose strides Triton could not mark divisible by 16 (K=1111,
     N=555; N=700) through tiles with BM >= 64; run 4 found them exact on 32 x 32 x 32 tiles (NOTES.md), which
     every unaligned 16-bit launch now gets (configs.py); aligned launches keep the table's default."""
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     f16, al = torch.float16, lk_launch._aligned
     assert not al((), torch.empty(777, 1111, dtype=f16))  # row stride 1111
@@ -613,7 +613,7 @@ def test_unaligned_operands_use_32_row_tiles():
 def test_search_space_bounded():
     """The autotuning space: defaults first, <= 16 per kind, accumulators <= 144 fp32 registers per thread,
     stages x stage bytes <= 200 KB of shared memory."""
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     for kind in ("fwd", "bwd"):
         for size in ("small", "large"):
@@ -633,7 +633,7 @@ def test_tiles_fit_the_devices_shared_memory():
     own rows (tune.log of GPU run 2) and fall back to the fused rows elsewhere. The estimate is conservative
     (sm_90 fused 3-stage tile: 110.6 KB estimated, 108.5 KB by ptxas), so A100 loses a stage on one 128 x 256
     candidate, not on its defaults."""
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     sizes = {(9, 0): 232448, (8, 0): 166912, (8, 9): 101376}
     for kind in ("fwd", "fwd_gemm", "fwd_xa", "bwd"):
@@ -669,7 +669,7 @@ def test_autotune_picks_fastest_and_prints_winner(monkeypatch, capsys):
     import triton
     import triton.testing
 
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     cands = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 4)]
     cost = {cands[0]: 2.0, cands[1]: 1.0}
@@ -808,7 +808,7 @@ def test_gpu_deterministic_bit_identical():
 def test_gpu_tile_configs_compile(monkeypatch):
     """Every non-default candidate in configs.py compiles and runs correctly on this GPU (the defaults run in the
     other tests): what LORA_KERNELS_TRITON_AUTOTUNE=1 would time."""
-    from lora_kernels.triton import configs
+    from lora_kernels.backends.triton import configs
 
     x, w, b, a, bb = make_inputs(300, 512, 384, 16, torch.bfloat16)
     ref = run("torch", *(t.double() for t in (x, w, b, a, bb)))
