@@ -148,7 +148,7 @@ def main() -> int:
             not_tuned.append(f"M={m} p={p}")
         n_log = len(configs.tuning_log)
         t0 = time.perf_counter()
-        auto = lkt.launch.resolve_plan("auto", m, p)
+        auto = lkt.plans.resolve_plan("auto", m, p)
         tuned_run(tune, "triton", x, w, a, b, g, p)
         tuned_run(False, "triton", x, w, a, b, g, p, plan="split" if auto == "fused" else "fused")
         if not args.dry_run:
@@ -171,13 +171,13 @@ def main() -> int:
         t_bwd = do_bench(lambda: torch.autograd.grad(y, (xg, ag, bg), g, retain_graph=True), warmup=10, rep=50)
 
         # the same backward in deterministic mode (per-row-tile partial stores + a fixed-order sum instead of fp32
-        # atomics) and, for the library plan, with dB/db outside the epilogue (launch.LIBRARY_DB_ENV="launch"): if
+        # atomics) and, for the library plan, with dB/db outside the epilogue (plans/library.LIBRARY_DB_ENV="launch"): if
         # either is faster, the atomics are what the epilogue waits on (NOTES.md, "Plans"). Each runs once first
         # (its own keys tune there, outside the timed region).
         def bwd_variant(deterministic=False, db_mode=None):
-            saved_mode = os.environ.get(lkt.launch.LIBRARY_DB_ENV)
+            saved_mode = os.environ.get(lkt.plans.library.LIBRARY_DB_ENV)
             if db_mode:
-                os.environ[lkt.launch.LIBRARY_DB_ENV] = db_mode
+                os.environ[lkt.plans.library.LIBRARY_DB_ENV] = db_mode
             try:
                 yv = lora_linear(xg, w, None, ag, bg, scale, p, seed=11, backend="triton", deterministic=deterministic)
                 grad = lambda: torch.autograd.grad(yv, (xg, ag, bg), g, retain_graph=True)
@@ -185,22 +185,22 @@ def main() -> int:
                 return do_bench(grad, warmup=10, rep=50)
             finally:
                 if saved_mode is None:
-                    os.environ.pop(lkt.launch.LIBRARY_DB_ENV, None)
+                    os.environ.pop(lkt.plans.library.LIBRARY_DB_ENV, None)
                 else:
-                    os.environ[lkt.launch.LIBRARY_DB_ENV] = saved_mode
+                    os.environ[lkt.plans.library.LIBRARY_DB_ENV] = saved_mode
 
         t_bwd_det = bwd_variant(deterministic=True)
         t_bwd_dbl = bwd_variant(db_mode="launch") if auto == "library" else float("nan")
         t_base_bwd = do_bench(lambda: torch.mm(g, w), warmup=10, rep=50)  # frozen base layer: dX = G W
         print(
             f"M={m} p={p}: fwd base {t_base:.4f} | fused {t_fused:.4f} (x{t_fused / t_base:.2f}) | split {t_split:.4f} "
-            f"(x{t_split / t_base:.2f}) | library {t_library:.4f} (x{t_library / t_base:.2f}) | auto ({lkt.launch.resolve_plan('auto', m, p)}) {t_auto:.4f} ms; "
+            f"(x{t_split / t_base:.2f}) | library {t_library:.4f} (x{t_library / t_base:.2f}) | auto ({lkt.plans.resolve_plan('auto', m, p)}) {t_auto:.4f} ms; "
             f"bwd triton {t_bwd:.4f} (x{t_bwd / t_base_bwd:.2f}), deterministic {t_bwd_det:.4f}, "
             f"dB-by-launch {t_bwd_dbl:.4f}, vs base G W {t_base_bwd:.4f} ms"
         )
 
         # fwd+bwd per plan (the backward follows its forward's plan), base F.linear fwd+bwd as the floor: where
-        # fused and library cross over in M decides launch.AUTO_LIBRARY_MIN_M
+        # fused and library cross over in M decides plans.AUTO_LIBRARY_MIN_M
         def fwd_bwd(plan):
             def step():
                 with lkt.forward_plan(plan):
@@ -217,7 +217,7 @@ def main() -> int:
         print(
             f"M={m} p={p}: fwd+bwd base {t_fb_base:.4f} | "
             + " | ".join(f"{k} {v:.4f} (x{v / t_fb_base:.2f})" for k, v in fb.items())
-            + f" ms; auto: {lkt.launch.resolve_plan('auto', m, p)}"
+            + f" ms; auto: {lkt.plans.resolve_plan('auto', m, p)}"
         )
 
         # 3. correctness vs the torch backend, fp64 oracle
@@ -278,10 +278,11 @@ def host_time() -> int:
 
     from lora_kernels.backends import LoRAOpts
     from lora_kernels.backends.triton import backend, configs, launch
+    from lora_kernels.backends.triton.plans import fused
     from lora_kernels.functional import lora_linear
 
     configs.interpreting = lambda: False
-    launch._launch = lambda kernel, grid, *a, count=True, **kw: None
+    launch.launch_kernel = lambda kernel, grid, *a, count=True, **kw: None
     m, k, n, r = 16, 4096, 4096, 16
     x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
     a, b = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
@@ -300,7 +301,7 @@ def host_time() -> int:
 
     with torch.no_grad():
         print(
-            f"launch.lora_forward             {timeit(lambda: launch.lora_forward(x, w, None, a, b, None, 2.0, 0.0, 0, 0)):7.1f} us"
+            f"plans.fused.forward             {timeit(lambda: fused.forward(x, w, None, a, b, None, 2.0, 0.0, 0, 0)):7.1f} us"
         )
         print(f"backend.apply (no grad)         {timeit(lambda: backend.apply(x, w, None, a, b, None, opts)):7.1f} us")
         print(

@@ -74,7 +74,7 @@ def run_trial(case: str, trial: str, spec, device: str) -> str:
 
     import torch
 
-    from lora_kernels.backends.triton import configs, launch
+    from lora_kernels.backends.triton import configs, launch, plans
     from lora_kernels.functional import lora_linear
     from lora_kernels.testing import oracle_check
 
@@ -93,7 +93,7 @@ def run_trial(case: str, trial: str, spec, device: str) -> str:
     g = rnd(*lead, n)
     if trial == "padded":
         x, w, a, bb, g = (_padded(t) for t in (x, w, a, bb, g))
-        assert launch._aligned((), x, w, a, bb, g), "padding did not align the operands"
+        assert launch.aligned((), x, w, a, bb, g), "padding did not align the operands"
 
     def run(backend, tensors, gy, fwd_only):
         x_, w_, b_, a_, bb_ = tensors
@@ -116,9 +116,9 @@ def run_trial(case: str, trial: str, spec, device: str) -> str:
     fwd_only = trial == "fwd-only"
     plan = None  # the auto plan, except in "other-plan": the one auto would not pick for these rows
     if trial == "other-plan":
-        plan = "fused" if x.numel() // k >= launch.AUTO_LIBRARY_MIN_M else "split"
+        plan = "fused" if x.numel() // k >= plans.AUTO_LIBRARY_MIN_M else "split"
     tiles = TILES.get(trial, {})
-    with launch.forward_plan(plan):
+    with plans.forward_plan(plan):
         with configs.override(**tiles) if tiles else contextlib.nullcontext():
             tri = run("triton", clones((x, w, b, a, bb)), g, fwd_only)
             if device == "cuda":

@@ -71,8 +71,8 @@ def compile_for(kernel, pointer_types: dict, constexprs: dict, capability: int, 
 
 
 def _compile_all(capability: int) -> dict:
-    from lora_kernels.backends.triton.backward import lora_bwd_kernel
-    from lora_kernels.backends.triton.forward import lora_fwd_kernel
+    from lora_kernels.backends.triton.kernels.backward import lora_bwd_kernel
+    from lora_kernels.backends.triton.kernels.gemm import lora_fwd_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
     f32 = {
@@ -80,7 +80,7 @@ def _compile_all(capability: int) -> dict:
     }
     common = dict(HAS_DROPOUT=True, HAS_R=True, R_PAD=16, IEEE=False, INTERPRET=False, GROUP_M=8)
     fwd = compile_for(
-        lora_fwd_kernel, {**act, **f32}, dict(common, HAS_BIAS=True, XA_MODE=0, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+        lora_fwd_kernel, {**act, **f32}, dict(common, HAS_BIAS=True, FUSE_XA=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
         capability, 8, 3,
     )  # fmt: skip
     bwd = compile_for(
@@ -124,8 +124,9 @@ def _compile_defaults(capability: int) -> dict:
     """Compile the first (default) tile of every kernel kind as ``configs.candidates`` picks it for a device of
     ``capability`` with ``MAX_SHARED[capability]`` bytes, M=8192, bf16 activations, fp32 adapters, r=16."""
     from lora_kernels.backends.triton import configs
-    from lora_kernels.backends.triton.backward import lora_bwd_kernel
-    from lora_kernels.backends.triton.forward import lora_fwd_kernel
+    from lora_kernels.backends.triton.kernels.backward import lora_bwd_kernel
+    from lora_kernels.backends.triton.kernels.gemm import lora_fwd_kernel
+    from lora_kernels.backends.triton.kernels.xa import lora_xa_kernel
 
     act = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "g_ptr", "dx_ptr")}
     f32 = {
@@ -141,8 +142,12 @@ def _compile_defaults(capability: int) -> dict:
             flags = dict(NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True, NEED_DR=False, DETERMINISTIC=False,
                          PRE_GW=kind == "bwd_epi")  # fmt: skip
             k = compile_for(lora_bwd_kernel, {**act, **f32}, dict(tiles, HAS_DROPOUT=True, **flags), capability, w, s)
+        elif mode == 2:  # the xa kernel (XA, GB): no W, no BLOCK_N / GROUP_M
+            xa_tiles = dict(R_PAD=16, IEEE=False, INTERPRET=False, BLOCK_M=bm, BLOCK_K=bk)
+            ptrs = {"x_ptr": "*bf16", "a_ptr": "*fp32", "out_ptr": "*fp32"}
+            k = compile_for(lora_xa_kernel, ptrs, dict(xa_tiles, HAS_DROPOUT=True), capability, w, s)
         else:
-            flags = dict(HAS_BIAS=True, HAS_DROPOUT=mode != 1, XA_MODE=mode)
+            flags = dict(HAS_BIAS=True, HAS_DROPOUT=mode == 0, FUSE_XA=mode == 0)
             k = compile_for(lora_fwd_kernel, {**act, **f32}, dict(tiles, **flags), capability, w, s)
         out[kind] = [k.metadata.shared, [bm, bn, bk, g, w, s]]
     return out

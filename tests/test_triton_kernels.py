@@ -42,7 +42,9 @@ pytestmark = [
 if importlib.util.find_spec("triton") is not None:
     import lora_kernels.backends.triton as lkt
     from lora_kernels.backends.triton import launch as lk_launch
+    from lora_kernels.backends.triton import plans as lk_plans
     from lora_kernels.backends.triton.ops import lora_bwd, lora_fwd
+    from lora_kernels.backends.triton.plans import library as lk_library
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -218,7 +220,7 @@ def test_dropout_p0_is_no_dropout():
 @pytest.mark.parametrize(
     "m,p,plan,deterministic,fwd_launches,bwd_launches",
     # (Triton launches, library GEMMs). auto = fused for M <= 64 (decode: one launch), library for M > 64
-    # (launch.AUTO_LIBRARY_MIN_M): forward = XA launch + GEMM + rank-r addmm_, backward = dX GEMM + GB launch +
+    # (plans.AUTO_LIBRARY_MIN_M): forward = XA launch + GEMM + rank-r addmm_, backward = dX GEMM + GB launch +
     # epilogue launch. Deterministic: the kernel's per-row-tile partials + their fixed-order sum (129 rows: more
     # than one row-tile).
     [
@@ -235,7 +237,7 @@ def test_dropout_p0_is_no_dropout():
 )  # fmt: skip
 def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches, monkeypatch):
     if plan == "library-db-launch":  # + the dB launch (b is frozen here: no db)
-        monkeypatch.setenv(lk_launch.LIBRARY_DB_ENV, "launch")
+        monkeypatch.setenv(lk_library.LIBRARY_DB_ENV, "launch")
         plan = "library"
     x, w, b, a, bb = make_inputs(m, 70, 50, 4, torch.bfloat16)
     x.requires_grad_()
@@ -259,9 +261,9 @@ def test_launch_count(m, p, plan, deterministic, fwd_launches, bwd_launches, mon
 def test_plans_match_oracle(plan, case, monkeypatch):
     """Every plan on the odd shapes auto would not send it: the matrix above runs auto (fused at M <= 64, library
     above), so the one-launch backward at M > 64 and the library plan at M <= 64 are covered here; and the
-    library plan's experimental dB-by-launch mode (launch.LIBRARY_DB_ENV)."""
+    library plan's experimental dB-by-launch mode (plans/library.LIBRARY_DB_ENV)."""
     if plan == "library-db-launch":
-        monkeypatch.setenv(lk_launch.LIBRARY_DB_ENV, "launch")
+        monkeypatch.setenv(lk_library.LIBRARY_DB_ENV, "launch")
         plan = "library"
     with lkt.forward_plan(plan):
         if case == "bf16-fp32adapters-dropout":
@@ -376,7 +378,7 @@ def test_supports_reasons():
 @pytest.mark.parametrize("with_r", [False, True], ids=["no-R", "lora_R"])
 def test_opcheck(with_r, plan):
     """Schema, fake tensors and the autograd registration of both custom ops, with each backward (the library
-    plan's is selected by the op's ``library`` argument, recorded from the forward's plan)."""
+    plan's is selected by the op's ``plan`` argument, recorded from the forward's plan)."""
     x, w, b, a, bb = make_inputs(9, 40, 24, 3, torch.float32)
     rm = torch.randn(3, 3, device=DEVICE, requires_grad=True) if with_r else None
     for t in (x, a, bb):
@@ -387,7 +389,7 @@ def test_opcheck(with_r, plan):
     g = torch.randn(9, 24, device=DEVICE)
     rm_ = None if rm is None else rm.detach()
     args = (g, x.detach(), w, a.detach(), bb.detach(), rm_, xa, 2.0, 0.25, 3, 0, True, True, True, True, with_r, True)
-    torch.library.opcheck(lora_bwd, args + (plan == "library",))
+    torch.library.opcheck(lora_bwd, args + (plan,))
 
 
 # ------------------------------------------------------------------ lora_R (issue 8's subspace method)
@@ -565,7 +567,7 @@ def test_split_plan_tiles_on_tails_in_bounds():
     xa = configs.candidates("fwd_xa", 8192, 16, "bfloat16", (9, 0))[0]
     assert gemm[:3] == (128, 256, 64) and xa[:3] == (64, 16, 64), (gemm, xa)
     x, w, b, a, bb = make_inputs(131, 133, 270, 16, torch.bfloat16, adapter_dtype=torch.float32)
-    with lk_launch.forward_plan("split"):
+    with lk_plans.forward_plan("split"):
         with configs.override(fwd1=gemm, fwd2=xa), address_sanitizer():
             check_against_oracle(x, w, b, a, bb, p=0.1)
 
@@ -588,7 +590,7 @@ def test_unaligned_operands_use_32_row_tiles():
     every unaligned 16-bit launch now gets (configs.py); aligned launches keep the table's default."""
     from lora_kernels.backends.triton import configs
 
-    f16, al = torch.float16, lk_launch._aligned
+    f16, al = torch.float16, lk_launch.aligned
     assert not al((), torch.empty(777, 1111, dtype=f16))  # row stride 1111
     assert not al((), torch.empty(10, 700, dtype=f16))  # 700 = 16 * 43 + 12
     assert not al((), torch.empty(1000, 3000, dtype=torch.bfloat16))  # 6000 bytes, but Triton marks elements
@@ -819,7 +821,7 @@ def test_gpu_tile_configs_compile(monkeypatch):
     plans = {"fwd": "fused", "fwd_gemm": "split", "fwd_xa": "library", "bwd": "fused", "bwd_epi": "library"}
     try:
         for kind, plan in plans.items():
-            lk_launch.set_forward_plan(plan)
+            lk_plans.set_forward_plan(plan)
             for m in (16, 300):
                 for cfg in table(kind, m, 16, "bfloat16", cap)[1:]:
                     configs._cache.clear()
@@ -832,7 +834,7 @@ def test_gpu_tile_configs_compile(monkeypatch):
                     for name in tri:
                         assert_close_to_oracle(tri[name], ref[name], tor[name], f"{kind} {cfg} {name}", atol=1e-5)
     finally:
-        lk_launch.set_forward_plan(None)
+        lk_plans.set_forward_plan(None)
         configs._cache.clear()
 
 

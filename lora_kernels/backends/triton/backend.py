@@ -1,4 +1,4 @@
-"""The ``triton`` backend for the registry (lora_kernels.backends.builtin): ``supports`` and ``apply``."""
+"""The ``triton`` backend's registry hooks (lora_kernels.backends.builtin): ``supports`` and ``apply``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import torch
 
 from ..base import LoRAOpts
-from .launch import MAX_RANK
 
+MAX_RANK = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -31,8 +31,6 @@ def supports(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> tuple[b
 
 
 def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
-    from .ops import lora_apply
+    from .ops import TRITON_OP
 
-    return lora_apply(
-        x, weight, bias, lora_A, lora_B, lora_R, opts.scale, opts.dropout_p, opts.seed, opts.offset, opts.deterministic
-    )
+    return TRITON_OP.apply(x, weight, bias, lora_A, lora_B, lora_R, opts)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..mask import keep_threshold, launch_keys
+from ...mask import keep_threshold, launch_keys
 
 
 def _as_i32(v: int) -> int:

@@ -28,12 +28,12 @@ inside the program::
     dX[m-tile, k-tile] = acc + (s·gb @ A[:, k-tile]) ⊙ Z
     dA[:, k-tile]     += (s·gb)ᵀ @ (X[m-tile, k-tile] ⊙ Z)
 
-Library plan (PRE_GW, launch.lora_backward): the base GEMM ``G W`` is a library GEMM (cuBLAS) written into dX
-and ``GB`` comes from the forward kernel's XA-only mode run on (G, Bᵀ); this kernel then skips the N loop,
+Library plan (PRE_GW, plans/library.py): the base GEMM ``G W`` is a library GEMM (cuBLAS) written into dX
+and ``GB`` comes from the xa kernel (kernels/xa.py) run on (G, Bᵀ); this kernel then skips the N loop,
 starts ``acc`` from dX's tile and ``gb`` from GB, and does everything else as above: the mask, dX's LoRA term,
 dA, dB, db and dR, reading X, dX and G once each.
 
-dA/dB/db accumulate in fp32 into one flat buffer (layout: launch.grad_layout). Atomic mode
+dA/dB/db accumulate in fp32 into one flat buffer (layout: backends/opdef.grad_layout). Atomic mode
 (DETERMINISTIC=0): ``tl.atomic_add`` into a zeroed buffer, 1 launch (+ the torch.zeros memset, which is not one
 of our kernels but is a device op: counted honestly in NOTES.md). Deterministic mode: each row-tile ``pid_m``
 stores its partial sums at ``flat + pid_m * stride_part`` (every element written exactly once), and
@@ -46,8 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import cast, dot, row_offsets, tile_ids
-from ._rng import keep_mask
+from .common import cast, dot, row_offsets, tile_ids
+from .rng import keep_mask
 
 
 @triton.jit
