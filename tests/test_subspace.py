@@ -18,9 +18,8 @@ from helpers import HAS_TRITON, assert_close_to_oracle
 from torch import nn
 
 from lora_kernels import lora_linear, lora_linear_reference
-from lora_kernels.nn.subspace import (
+from lora_kernels.adapters.subspace import (
     CONFIG_NAME,
-    SubspaceLinear,
     apply_subspace,
     load_subspace,
     merge_subspace,
@@ -28,6 +27,7 @@ from lora_kernels.nn.subspace import (
     save_subspace,
     subspace_modules,
 )
+from lora_kernels.nn.subspace import SubspaceLinear
 
 # Odd sizes on purpose (not multiples of any block), rank not a power of two.
 SHAPES = [((5, 7), 6, 3), ((2, 3, 13), 11, 5), ((1, 1, 9), 17, 4)]

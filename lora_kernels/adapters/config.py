@@ -1,4 +1,5 @@
-"""``LoRAConfig``: the resolved settings of one LoRA injection, and their mapping to PEFT's ``adapter_config.json``.
+"""Adapter configs: ``AdapterConfig`` (what every injection records), ``LoRAConfig`` (+ the mapping to PEFT's
+``adapter_config.json``) and ``SubspaceConfig`` (the subspace method: nothing beyond the common fields).
 
 Only the fields that this package implements are mapped. A PEFT config that asks for a feature we do not
 implement (DoRA, trainable biases, per-module rank/alpha patterns, ...) is refused with an error that names the
@@ -36,8 +37,8 @@ _PEFT_FEATURES_OFF = {
 
 
 @dataclass
-class LoRAConfig:
-    """What ``apply_lora`` did: ``target_modules`` holds the resolved module names, not the patterns."""
+class AdapterConfig:
+    """The resolved settings of one injection: ``target_modules`` holds the resolved module names, not the patterns."""
 
     r: int = 8
     lora_alpha: float = 16
@@ -46,7 +47,6 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=list)
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] = field(default_factory=list)
-    init_lora_weights: str | bool = "kaiming"
 
     @property
     def scaling(self) -> float:
@@ -54,6 +54,18 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SubspaceConfig(AdapterConfig):
+    """What ``apply_subspace`` did (the common fields; the file format adds its own keys)."""
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """What ``apply_lora`` did."""
+
+    init_lora_weights: str | bool = "kaiming"
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict:
         """The ``adapter_config.json`` PEFT's ``LoraConfig.from_pretrained`` reads.

@@ -25,8 +25,10 @@ from torch import nn
 
 from ..backends.registry import validate_backend_name
 from ..nn.checks import check_adapter_dtype
+from ..nn.lora import LoRALinear
 from .config import LoRAConfig
-from .inject import _inject, lora_modules, plan_lora
+from .inject import inject, lora_modules
+from .matching import plan_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -284,7 +286,8 @@ def load_adapter(
             modules_to_save=list(plan.modules_to_save),
             init_lora_weights="kaiming",  # overwritten below; never re-run PiSSA on load
         )
-        _inject(model, plan, run_cfg, adapter_dtype, backend, deterministic)
+        inject(model, LoRALinear, plan, run_cfg, "kaiming", adapter_dtype, backend, deterministic,
+               attr="lora_config", label="LoRA")  # fmt: skip
         injected = True
     with torch.no_grad():
         for k in usable:

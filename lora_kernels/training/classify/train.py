@@ -227,7 +227,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
             apply_lora(model, **kwargs)
         else:
-            from ...nn.subspace import apply_subspace
+            from ...adapters.subspace import apply_subspace
 
             apply_subspace(model, **kwargs)
     return model
