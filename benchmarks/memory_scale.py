@@ -64,9 +64,7 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
-        from lora_kernels.training.sft.modeling import (
-            load_smollm2,  # drops the GGUF quantization tag (HF Trainer refuses it)
-        )
+        from lora_kernels.models import load_smollm2  # drops the GGUF quantization tag (HF Trainer refuses it)
 
         model, _ = load_smollm2()
         return model.to(device=device, dtype=dtype).train()

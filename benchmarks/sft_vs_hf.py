@@ -43,7 +43,7 @@ def _rows_in_step_order(args, tokenizer):
     """The exact rows our loop trains on, in its step order (so HF sees the same batches)."""
     from lora_kernels.training.sft.config import build_config
     from lora_kernels.training.sft.data import prepare_data
-    from lora_kernels.training.sft.train import StepSampler, row_lengths
+    from lora_kernels.training.sft.sampler import StepSampler, row_lengths
 
     cfg = build_config(overrides=_sft_overrides(args))
     data = prepare_data(cfg, tokenizer, log=lambda *_: None)
@@ -83,7 +83,7 @@ def _sft_overrides(args) -> dict:
 
 def child_ours(args) -> dict:
     from lora_kernels.training.sft.config import build_config
-    from lora_kernels.training.sft.train import run_sft
+    from lora_kernels.training.sft.loop import run_sft
 
     cfg = build_config(overrides={**_sft_overrides(args), "eval_batch_size": args.batch_size})
     # eval before/after is part of our run but not of the HF one: keep it out of the timed steps (it is), and
@@ -189,8 +189,8 @@ def child_hf(args) -> dict:
 def _export_model(model_dir: Path) -> None:
     if (model_dir / "config.json").is_file():
         return
+    from lora_kernels.models import load_causal_lm as load_model
     from lora_kernels.training.sft.export import save_hf_folder
-    from lora_kernels.training.sft.modeling import load_model
 
     model, tok = load_model("smollm2")
     save_hf_folder(model, tok, model_dir)

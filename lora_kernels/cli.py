@@ -19,14 +19,14 @@ def _sft(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
+    from lora_kernels.models import ModelError
     from lora_kernels.training.sft.checkpoint import CheckpointError
     from lora_kernels.training.sft.data import DataError
-    from lora_kernels.training.sft.modeling import ModelError
 
     code = 0
     try:
         cfg = config_from_argv(argv)
-        from lora_kernels.training.sft.train import run_sft
+        from lora_kernels.training.sft.loop import run_sft
 
         run_sft(cfg)
     except (ConfigError, DataError, ModelError, CheckpointError) as e:

@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 
+from lora_kernels.models import tiny_bert
 from lora_kernels.training.classify import data as D
 from lora_kernels.training.classify.cli import main
 from lora_kernels.training.classify.compare import COLUMNS, load_config, merge
-from lora_kernels.training.classify.models import tiny_bert
 from lora_kernels.training.classify.train import (
     TrainConfig,
     accuracy_and_macro_f1,

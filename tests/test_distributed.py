@@ -261,7 +261,7 @@ WORDS = "apple river stone cloud seven orange violet copper maple harbor lantern
 
 @pytest.fixture(scope="module")
 def sft_inputs(tmp_path_factory):
-    from lora_kernels.training.sft.modeling import save_tiny_random
+    from lora_kernels.models import save_tiny_random
 
     root = tmp_path_factory.mktemp("sft")
     model = save_tiny_random(root / "model", seed=0, hidden=48, layers=2)

@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from lora_kernels.models import byte_tokenizer, tiny_random
 from lora_kernels.training.sft.data import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -19,8 +20,7 @@ from lora_kernels.training.sft.data import (
     packed_mask_kind,
     prepare_data,
 )
-from lora_kernels.training.sft.modeling import byte_tokenizer, tiny_random
-from lora_kernels.training.sft.train import compute_loss_sum
+from lora_kernels.training.sft.evaluation import compute_loss_sum
 
 # SmolLM2-Instruct's template: a default system turn when none is given.
 SMOL_TEMPLATE = (

@@ -17,7 +17,7 @@ needs_data = pytest.mark.skipif(
 @needs_data
 def test_smollm2_lora_few_steps_lower_eval_loss(tmp_path):
     from lora_kernels.training.sft.config import build_config
-    from lora_kernels.training.sft.train import run_sft
+    from lora_kernels.training.sft.loop import run_sft
 
     cfg = build_config(
         overrides=dict(

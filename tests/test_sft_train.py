@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_kernels.models import ModelError, save_tiny_random
 from lora_kernels.training.sft.checkpoint import CheckpointError, list_checkpoints
 from lora_kernels.training.sft.config import ConfigError, build_config
 from lora_kernels.training.sft.data import DataError
-from lora_kernels.training.sft.modeling import ModelError, save_tiny_random
-from lora_kernels.training.sft.train import run_sft
+from lora_kernels.training.sft.loop import run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "apple river stone cloud seven orange violet copper maple harbor lantern falcon".split()
@@ -233,7 +233,10 @@ def test_bad_inputs_fail_before_training(tmp_path, tiny_model, dataset):
     no_training("t5")
 
 
-def test_corrupt_or_mismatched_checkpoint_is_refused_and_left_untouched(tmp_path, tiny_model, dataset):
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_left_untouched(tmp_path, tiny_model, dataset, caplog):
+    """A config mismatch is always refused; an explicitly named damaged checkpoint is refused and left as evidence;
+    ``--resume latest`` skips a damaged newest checkpoint with a warning naming it and resumes from the previous
+    valid one; with no valid checkpoint it is an error listing each failure (issue 18)."""
     _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, save_every=2, keep_last=3)
     ckpts = list_checkpoints(tmp_path / "c" / "checkpoints")
     assert [s for s, _ in ckpts] == [2, 4]
@@ -247,22 +250,26 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_left_untouched(tmp_path
     latest.write_bytes(bytes(raw))
     before = {p.name: p.read_bytes() for p in ckpts[0][1].iterdir()}
     with pytest.raises(CheckpointError, match="trainable.safetensors does not match its sha256"):
-        _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume="latest")
+        _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume=str(ckpts[-1][1]))
     assert latest.read_bytes() == bytes(raw)  # the evidence is left as is
     assert {p.name: p.read_bytes() for p in ckpts[0][1].iterdir()} == before  # the good one is untouched
-    (ckpts[-1][1] / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="manifest.json is missing"):
-        _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume=str(ckpts[-1][1]))
-    # the older good checkpoint still resumes
-    s = _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume=str(ckpts[0][1]))
+    # latest: the damaged step-4 checkpoint is skipped, named in a warning; the run resumes from step 2
+    with caplog.at_level("WARNING", logger="lora_kernels"):
+        s = _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume="latest")
     assert s["resumed_from_step"] == 2
+    assert any("skipping a damaged checkpoint" in r.message and ckpts[-1][1].name in r.message for r in caplog.records)
+    # no valid checkpoint left: an error that names each failure
+    for _, path in list_checkpoints(tmp_path / "c" / "checkpoints"):
+        (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint(.|\n)*manifest.json is missing"):
+        _run(tmp_path, tiny_model, dataset, name="c", max_steps=4, resume="latest")
 
 
 def test_step_sampler_grouping_by_length():
     """StepSampler with lengths: each epoch still visits every row of its full steps exactly once, the rows of a
     step depend only on (seed, step, rows_per_step) (so resume and k x b accumulation see the same rows), the
     step order is shuffled, and steps pad far less than without grouping."""
-    from lora_kernels.training.sft.train import StepSampler
+    from lora_kernels.training.sft.sampler import StepSampler
 
     gen = torch.Generator().manual_seed(0)
     n, per_step = 803, 8

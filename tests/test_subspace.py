@@ -294,7 +294,7 @@ def test_bad_arguments():
 
 def test_subspace_on_tiny_bert_all_linear():
     """On a HF classifier: all-linear targets every encoder linear, the head is saved; counts are r^2 per layer."""
-    from lora_kernels.training.classify.models import tiny_bert
+    from lora_kernels.models import tiny_bert
 
     torch.manual_seed(0)
     model = tiny_bert(3, layers=2)

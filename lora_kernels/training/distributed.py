@@ -250,9 +250,9 @@ def main_process_first():
 
 
 def _decoder_layers(model: nn.Module):
-    from .memory import _find_decoder_layers
+    from ..models.registry import blocks_of
 
-    return _find_decoder_layers(model)
+    return blocks_of(model)
 
 
 def wrap_model(

@@ -302,6 +302,33 @@ def causal_lm_loss(
     return _shifted_head_loss(model, hidden, labels, num_items_in_batch, chunk_size, grad_mode, ignore_index)
 
 
+def aligned_lm_loss_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Sum of the token cross-entropies of a Hugging Face ``*ForCausalLM`` against ``targets`` already aligned
+    with the positions (``targets[b, t]`` is the label of position t's logits), through the chunked head: no
+    ``[tokens, vocab]`` logits. Calls the decoder directly (no wrapper hooks): for evaluation and plain models."""
+    _check_plain_head(model)
+    hidden = _decoder_hidden(model, input_ids, attention_mask, position_ids)
+    head = model.get_output_embeddings()
+    return chunked_linear_cross_entropy(
+        hidden,
+        head.weight,
+        targets,
+        getattr(head, "bias", None),
+        ignore_index=ignore_index,
+        reduction="sum",
+        chunk_size=chunk_size,
+    )
+
+
 _CHUNKED_CLASSES: dict[type, type] = {}
 
 

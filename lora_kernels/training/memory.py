@@ -41,16 +41,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """``model.model.layers`` (Llama/Qwen/Mistral…), ``model.layers``, ``model.transformer.h`` (GPT-2 style)."""
-    for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    return None
+    """The repeated blocks: the model family's (lora_kernels.models.registry), else the usual attribute paths."""
+    from ..models.registry import blocks_of
+
+    return blocks_of(model)
 
 
 _CKPT_CLASSES: dict[tuple[type, bool], type] = {}
@@ -313,6 +307,12 @@ class MemoryReport:
         return d
 
     def __str__(self) -> str:
+        return self.table()
+
+    def table(self, include_peak: bool = True) -> str:
+        """The breakdown as lines; ``include_peak=False`` leaves the peak row out where the caller reports the
+        run's one peak figure itself (the SFT summary: the process high-water mark)."""
+
         def gb(x):
             return f"{x / _GIB:7.3f} GiB" if abs(x) >= _GIB else f"{x / _MIB:7.1f} MiB"
 
@@ -322,8 +322,9 @@ class MemoryReport:
             ("gradients", self.grads),
             ("optimizer state", self.optimizer_state),
             ("activations + temporaries (est.)", self.activations),
-            (f"peak ({self.peak_kind})", self.peak),
         ]
+        if include_peak:
+            rows.append((f"peak ({self.peak_kind})", self.peak))
         dt = ", ".join(f"{k}: {v / 1e6:.1f}M" for k, v in sorted(self.dtypes.items()))
         lines = ["memory:"] + [f"  {name:<34} {gb(v)}" for name, v in rows] + [f"  parameter dtypes: {dt}"]
         return "\n".join(lines)

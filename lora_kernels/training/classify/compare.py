@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ... import models as M
 from . import data as D
-from . import models as M
 from .train import RunResult, TrainConfig, run
 
 # Learning rates, chosen on a 30-step pilot (480 training articles, max_length 64; test accuracy in brackets):

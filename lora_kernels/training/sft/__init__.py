@@ -1,8 +1,10 @@
-"""Supervised fine-tuning on top of lora_kernels: ``lora-kernels sft`` / ``python -m lora_kernels.training.sft``.
+"""Supervised fine-tuning on top of lora_kernels: ``lora-kernels sft`` (or ``python -m lora_kernels sft``).
 
 Modules: ``config`` (SFTConfig, YAML + command-line overrides), ``data`` (datasets, chat template, assistant-only
-labels, packing), ``modeling`` (offline model loading), ``train`` (the loop), ``checkpoint`` (atomic checkpoints,
-exact resume), ``export`` (PEFT adapter, merged HF folder).
+labels, packing), ``loop`` (``run_sft``: the run from start to summary), ``runtime`` (device, precision, method,
+placement, optimizer), ``sampler`` (rows per step), ``evaluation`` (loss, eval, generation), ``metrics``
+(metrics.jsonl, plot, summary), ``resume`` + ``checkpoint`` (atomic checkpoints, exact resume), ``export`` (PEFT
+adapter, merged HF folder). Models load through :mod:`lora_kernels.models`.
 """
 
 from .config import ConfigError, SFTConfig, build_config, config_from_argv
@@ -11,6 +13,6 @@ __all__ = ["ConfigError", "SFTConfig", "build_config", "config_from_argv", "run_
 
 
 def run_sft(cfg, log=None):
-    from .train import run_sft as _run
+    from .loop import run_sft as _run
 
     return _run(cfg) if log is None else _run(cfg, log=log)

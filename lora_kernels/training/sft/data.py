@@ -19,7 +19,7 @@ Pipeline (each stage deterministic given the seed)::
                         rows get a 4-D additive block-diagonal causal mask ``[B, 1, T, T]`` (0 = attend,
                         finfo.min = blocked), which transformers' Llama (eager and SDPA, CPU and GPU) takes as is;
                         unpacked rows get the usual 2-D padding mask.
-    (sampling)          lora_kernels.training.sft.train.StepSampler: the rows of optimizer step s are a pure function of
+    (sampling)          lora_kernels.training.sft.sampler.StepSampler: the rows of optimizer step s are a pure function of
                         (seed, s), which is what a checkpoint stores for exact resume; optionally grouped by length.
 """
 

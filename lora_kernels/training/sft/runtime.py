@@ -1,0 +1,164 @@
+"""Run setup for the SFT loop: device, precision, strategy, seeds, the training method (LoRA or full), the model's
+placement (frozen-base dtype, checkpointing, chunked loss, DDP / FSDP2), optimizer groups and the schedule.
+
+:func:`wrap_model` is the only place the model may be wrapped; :func:`is_main_process` decides who writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+
+import numpy as np
+import torch
+
+from lora_kernels.training import distributed as dist_utils
+
+from .config import ConfigError, SFTConfig
+
+
+def is_main_process() -> bool:
+    return dist_utils.is_main_process()
+
+
+def resolve_strategy(cfg: SFTConfig) -> str:
+    """``none`` | ``ddp`` | ``fsdp``: what ``cfg.distributed`` means for this launch (torchrun sets WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.distributed in ("auto", "none") or world <= 1:
+        return "ddp" if cfg.distributed == "auto" and world > 1 else "none"
+    return cfg.distributed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: SFTConfig) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available() and dist_utils.is_distributed():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config field 'device': {cfg.device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_precision(cfg: SFTConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32)."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config field 'precision': bf16 autocast needs a GPU with bf16 support; use fp32")
+    return torch.bfloat16
+
+
+def backend_label(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    from lora_kernels import backend_info
+
+    info = backend_info()
+    ok = [b for b in info["auto_preference"].get(device.type, []) if info["backends"].get(b, {}).get("available")]
+    return f"auto -> {ok[0] if ok else 'none available'} on {device.type}"
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def apply_method(model, cfg: SFTConfig) -> dict:
+    """Make the right parameters trainable. Returns counts for the summary."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        n = sum(p.numel() for p in model.parameters())
+        return {"trainable_params": n, "total_params": n, "lora_modules": 0}
+    from lora_kernels.adapters.inject import apply_lora
+
+    try:
+        report = apply_lora(
+            model,
+            target_modules=cfg.target_modules,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            use_rslora=cfg.use_rslora,
+            exclude_modules=cfg.exclude_modules,
+            modules_to_save=cfg.modules_to_save,
+            backend=None if cfg.backend == "auto" else cfg.backend,
+            deterministic=cfg.deterministic,
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"LoRA injection failed for target_modules={cfg.target_modules!r}: {e}") from e
+    if not report.replaced:
+        raise ConfigError(f"target_modules={cfg.target_modules!r} matched no nn.Linear module of the model")
+    return {
+        "trainable_params": report.trainable_params,
+        "total_params": report.total_params,
+        "lora_modules": len(report.replaced),
+    }
+
+
+def wrap_model(model, cfg: SFTConfig, device: torch.device):
+    """Place the model for training: low-precision frozen base, checkpointing, chunked loss, then DDP / FSDP2.
+
+    Returns ``(model, core)``: ``model`` is what the training step calls (maybe a DDP wrapper), ``core`` the
+    Hugging Face model itself (generation, exports, checkpoint names).
+    """
+    from lora_kernels.training.losses import enable_chunked_loss
+    from lora_kernels.training.memory import cast_frozen_params, enable_gradient_checkpointing
+
+    base_dtype = cfg.base_dtype
+    if base_dtype == "auto":
+        base_dtype = "bf16" if device.type == "cuda" and cfg.method == "lora" else "fp32"
+    if base_dtype == "bf16":
+        cast_frozen_params(model, torch.bfloat16)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.chunked_ce:
+        enable_chunked_loss(model, chunk_size=cfg.ce_chunk_size)
+    model = model.to(device)
+    strategy = resolve_strategy(cfg)
+    mp = torch.bfloat16 if len({p.dtype for p in model.parameters()}) > 1 else None
+    wrapped = dist_utils.wrap_model(model, strategy, device=device, mixed_precision=mp)
+    return wrapped, dist_utils.unwrap_model(wrapped)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norm weights and embeddings (as HF Trainer does)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name.lower() or "embed" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    return groups
+
+
+def lr_lambda(cfg: SFTConfig, total_steps: int):
+    """Linear warmup to 1 over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``total_steps``."""
+    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
