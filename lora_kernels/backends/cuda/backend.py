@@ -14,11 +14,12 @@ GPUs older than sm_80.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from ..base import BackendUnavailableError, LoRAOpts
+from ..base import LoRAOpts
+from .native import _DTYPE_CODES, BUILD_HINT, MAX_RANK, _load_native, _require_native
+
+__all__ = ["BUILD_HINT", "MAX_RANK", "_DTYPE_CODES", "apply", "availability", "last_path", "supports"]
 
 # GPU verification record, updated by hand after a run of `pytest -m gpu tests/test_cuda_*.py` on a real GPU.
 # None = never run on a GPU: the kernels compile (sm_80, sm_90) and the CPU-side checks pass, nothing more.
@@ -29,34 +30,6 @@ VERIFIED_ON_GPU: str | None = (
     "activation dtype before the dB product); compute-sanitizer memcheck 0 errors and racecheck 0 hazards on "
     "csrc/sanitize_check.py (both policies, fp32/bf16/fp16, atomic and deterministic). Runs 1 and 3 before it"
 )
-
-BUILD_HINT = (
-    "build it with `LORA_KERNELS_CUDA_ARCHS=90 python setup.py build_ext --inplace` "
-    "(or `pip install -e . --no-build-isolation`; needs nvcc, CMake >= 3.18, pybind11)"
-)
-MAX_RANK = 256
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-_native = None
-_native_error: str | None = None
-
-
-def _load_native():
-    """Import ``lora_kernels._C`` once; return ``(module or None, error text)``. Never initialises CUDA."""
-    global _native, _native_error
-    if _native is None and _native_error is None:
-        try:
-            _native = importlib.import_module("lora_kernels._C")
-        except ImportError as exc:
-            _native_error = str(exc)
-    return _native, _native_error
-
-
-def _require_native():
-    mod, err = _load_native()
-    if mod is None:
-        raise BackendUnavailableError(f"lora_kernels._C not built ({err}): {BUILD_HINT}")
-    return mod
 
 
 def availability() -> tuple[bool, str]:

@@ -15,7 +15,7 @@ import torch
 
 from .. import mask
 from ..opdef import define_lora_op, grad_layout
-from .backend import _DTYPE_CODES, _require_native
+from .native import _DTYPE_CODES, _require_native
 
 PLANS = ("fused",)
 

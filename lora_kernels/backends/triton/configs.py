@@ -14,19 +14,16 @@ Every entry is ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)``. 
 The default rows are the Triton matmul tutorial's Hopper/Ampere starting points, restricted so the extra fp32
 accumulators fit in registers: the forward keeps ``[BM, R_PAD]`` next to ``[BM, BN]`` and the backward
 ``[BM, R_PAD]`` next to ``[BM, BK]``; for R_PAD > 64 that is another 50%+ of the accumulator, so BM drops to 64.
-GPU run 1 (H200, benchmarks/results/h200_20261130_run1) measured them at ~400 TFLOP/s against cuBLAS's ~800 for
-the same GEMM: ``benchmarks/gpu_triton_tune.py`` times the search space and prints the winners to put first.
+Rows tuned on a GPU come first; the timings that chose them are in NOTES.md ("Tiles") and benchmarks/results/.
+``benchmarks/gpu_triton_tune.py`` times the search space and prints the winners to put first.
 
 Unaligned operands (a tensor base not 16-byte aligned, or a stride or output row length that is not a multiple of
 16 elements, e.g. K = 1111; Triton's JIT marks integer arguments divisible by 16 and nothing finer):
 Triton cannot use 16-byte cp.async for them, so the main loop is not software-pipelined (one stage, 36 KB of
 shared memory, checked with ptxas in tests/test_triton_compile.py) and the loads are element-wise. With 16-bit
-activations such launches run 32 x 32 x 32 tiles, 4 warps, one stage (:data:`_UNALIGNED`): GPU runs 1-4 (H200,
-triton 3.6) gave a wrong dX (fp16 M777 K1111 N555 r3) or an illegal address (bf16 [4, 333, 1000] -> 700) on
-every tile with BM >= 64 (8 warps or 4, 1 stage or 3, with or without 16-aligned row strides), and run 4's
-bisection (benchmarks/gpu_unaligned_bisect.py, NOTES.md "GPU run 4") found two changes that each make the
-failing case exact: 32-row tiles (no 64-row wgmma) or compiling with the CUDA 13.0 ptxas instead of the 12.8
-one the triton wheel bundles. A ptxas fault, then; small tiles are the fix that needs no toolkit.
+activations such launches run 32 x 32 x 32 tiles, 4 warps, one stage (:data:`_UNALIGNED`): with BM >= 64 the
+triton 3.6 wheel's ptxas miscompiles them (wrong dX or an illegal address on an H200; the bisection is in NOTES.md
+"GPU run 4"), and 32-row tiles are the fix that needs no toolkit.
 """
 
 from __future__ import annotations
@@ -60,13 +57,9 @@ _SM90 = {
         (128, 128, 128, 8, 8, 3),
     ],
 }
-# The split plan's two launches have their own rows (GPU run 2, benchmarks/results/h200_20261130_run2/tune.log:
-# H200, M=8192, K=N=4096, r=16, bf16 x, fp32 adapters, do_bench medians over the whole search space). Its GEMM
-# launch (XA_MODE=1) holds no [BM, R_PAD] accumulator and loads no A tile, so the 128 x 256 tile fits: 0.419 ms
-# (4 stages) and 0.421 ms (3) against 0.466 ms for the fused plan's default (128, 128, 64, 8, 8, 3), p=0 and
-# p=0.1 alike (that launch compiles without dropout). The XA-only launch (XA_MODE=2; BLOCK_N unused) streams X
-# once: 64-row tiles with 4 warps, 0.0375 ms against 0.0469 ms at p=0 and 0.069 against 0.128 ms at p=0.1
-# (more programs to spread the dropout hash over).
+# The split plan's GEMM launch (kernels/gemm.py without FUSE_XA) holds no [BM, R_PAD] accumulator and loads no
+# A tile, so the 128 x 256 tile fits (tuned on an H200: NOTES.md "Tiles"). The xa launch (kernels/xa.py; BLOCK_N
+# unused) streams X once: more, smaller programs spread the dropout hash (64-row tiles, 4 warps).
 _SM90[("fwd_gemm", "large")] = [
     (128, 256, 64, 8, 8, 4),
     (128, 256, 64, 8, 8, 3),
@@ -75,11 +68,10 @@ _SM90[("fwd_gemm", "large")] = [
     (64, 128, 64, 8, 4, 4),
 ]
 _SM90[("fwd_xa", "large")] = [(64, 16, 64, 8, 4, 4), (128, 16, 64, 8, 8, 4), (128, 16, 64, 8, 8, 3)]
-# The library plan's backward epilogue (launch.lora_backward, PRE_GW): dX's [BM, BK] tile arrives from the library
-# GEMM, GB from the XA-mode launch; the kernel reads X, dX and G once each and adds dA/dB with atomics (one partial
-# per row-tile). GPU run 5 (benchmarks/results/h200_20261130_run5/tune.log, M=8192, K=N=4096, r=16, bf16, fp32
-# adapters, all 16 candidates of the search space at p=0): 64 x 64 x 128 with 4 warps 0.169 ms (p=0.1: 0.311)
-# against 0.230 (0.331) for the 128-row, 8-warp tile first guessed; every row below passed the GPU tile test.
+# The library plan's backward epilogue (plans/library.py, PRE_GW): dX's [BM, BK] tile arrives from the library
+# GEMM, GB from the xa launch; the kernel reads X, dX and G once each and adds dA/dB with atomics (one partial
+# per row-tile). First row tuned on an H200 over the whole search space (NOTES.md "Tiles"); every row below passed
+# the GPU tile test.
 _SM90[("bwd_epi", "small")] = [(16, 64, 128, 8, 4, 2), (32, 64, 128, 8, 4, 2)]
 _SM90[("bwd_epi", "large")] = [(64, 64, 128, 8, 4, 2), (128, 64, 128, 8, 8, 2), (128, 128, 64, 8, 8, 2)]
 
@@ -168,8 +160,8 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
     2-4 stages instead (more programs per SM; see the comment in the body).
 
     The defaults (``candidates``) come first so an autotuned run can only match or beat them. At most 16 per
-    kind for M > 64 and 8 for M <= 64 (decode is host-bound: GPU run 1 measured 0.202 ms for a 0.019 ms GEMM):
-    each candidate is one compile (~1-3 s) per key.
+    kind for M > 64 and 8 for M <= 64 (decode is host-bound, so tiles matter little there): each candidate is one
+    compile (~1-3 s) per key.
     """
     base = _base_kind(kind)
     default = _SM90.get((kind, size)) or _SM90[(base, size)]
@@ -178,8 +170,7 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
         warps, stages = (4,), (3, 4, 5)
     elif kind in ("fwd_xa", "bwd_epi"):
         # memory-bound launches with one program per row-tile (XA, GB) or per [BM, BK] tile (the epilogue): at
-        # M=8192 a 128-row XA grid is 64 programs on 132 SMs (run 5: 0.035 ms for 64 MB, ~1.8 TB/s), so smaller
-        # row tiles are in the space too (untimed so far)
+        # M=8192 a 128-row XA grid is 64 programs on 132 SMs, so smaller row tiles are in the space too
         bms, bns, bks = (32, 64, 128), (16,) if kind == "fwd_xa" else (64, 128), (64, 128, 256)
         warps, stages = (2, 4, 8), (2, 3, 4)
     else:
@@ -208,9 +199,9 @@ def search_space(kind: str, size: str, r_pad: int) -> list[Config]:
 
 
 def xa_only(rows: list[Config]) -> list[Config]:
-    """Candidates for the split plan's XA-only launch (XA_MODE=2): its grid has one program per row-tile and it
-    never touches W, so BLOCK_N does not matter; fixing it to 16 dedupes the list, and at most 6 are kept (it
-    streams X once with an [BM, R_PAD] accumulator: memory-bound, 64 MB at M=8192, K=4096, ~14 us on an H200)."""
+    """Candidates for the xa launch (kernels/xa.py): its grid has one program per row-tile and it never touches W,
+    so BLOCK_N does not matter; fixing it to 16 dedupes the list, and at most 6 are kept (it streams X once with
+    an [BM, R_PAD] accumulator: memory-bound)."""
     out: list[Config] = []
     for bm, _bn, bk, g, w, st in rows:
         if (bm, 16, bk, g, w, st) not in out:

@@ -60,7 +60,7 @@ def resolve_precision(cfg: SFTConfig, device: torch.device) -> torch.dtype | Non
 def backend_label(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
-    from lora_kernels import backend_info
+    from lora_kernels.backends.registry import backend_info
 
     info = backend_info()
     ok = [b for b in info["auto_preference"].get(device.type, []) if info["backends"].get(b, {}).get("available")]
