@@ -88,8 +88,12 @@ def load_bbc_news() -> TextDataset:
     return TextDataset(texts, labels, ids, BBC_TOPICS)
 
 
-def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices ``(train, test)``: per class, a seeded permutation; the first ``round(f·n)`` go to test."""
+def stratified_split(
+    labels: list[int], test_fraction: float, seed: int, label_names: tuple[str, ...] | None = None
+) -> tuple[list[int], list[int]]:
+    """Indices ``(train, test)``: per class (in label order), a seeded permutation; the first ``max(1, round(f·n))``
+    go to test. A pure function of its arguments: its own ``torch.Generator``, no global random state.
+    ``label_names`` only make the error for a too-small class readable."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     by_class: dict[int, list[int]] = {}
@@ -102,7 +106,11 @@ def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tupl
         perm = torch.randperm(len(idx), generator=gen).tolist()
         n_test = max(1, round(test_fraction * len(idx)))
         if n_test >= len(idx):
-            raise ValueError(f"class {y} has {len(idx)} examples: too few for test_fraction={test_fraction}")
+            name = repr(label_names[y]) if label_names else y
+            raise ValueError(
+                f"class {name} has {len(idx)} examples: too few for test_fraction={test_fraction} "
+                f"({n_test} would go to test, none left to train on)"
+            )
         test += [idx[p] for p in perm[:n_test]]
         train += [idx[p] for p in perm[n_test:]]
     return sorted(train), sorted(test)

@@ -90,6 +90,8 @@ class RunResult:
     macro_f1: float
     steps: int
     final_loss: float
+    seed: int = 0  # the run's seed: head/adapter init, dropout, data order
+    tokens: int = 0  # unpadded training tokens seen
     losses: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -325,7 +327,7 @@ def run(
     log_every: int = 0,
 ) -> RunResult:
     """Seed, build a fresh model with ``build_model()``, apply the method, train, evaluate."""
-    torch.manual_seed(cfg.seed)  # same head (and adapter) initialisation for every method
+    torch.manual_seed(cfg.seed)  # per seed, the same head (and adapter) initialisation and dropout for every method
     model = build_model().to(device)
     total_params = count_params(model)  # the base model: the same denominator for every method
     prepare_model(model, cfg)
@@ -348,5 +350,7 @@ def run(
         macro_f1=f1,
         steps=stats["steps"],
         final_loss=sum(tail) / len(tail),
+        seed=cfg.seed,
+        tokens=stats["tokens"],
         losses=losses,
     )
