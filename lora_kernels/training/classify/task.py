@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import data as D
 from ... import models as M
+from . import data as D
 from .files import load_labelled_file, train_test
 
 TINY_VOCAB = 2000  # word-level vocabulary of the tiny-bert tokenizer: ample for test files of a few hundred words
