@@ -2,9 +2,13 @@
 // (tensor cores through WMMA for fp16/bf16, plain fp32 FMAs for fp32 activations) and the dispatch macro.
 #pragma once
 
+#include "emu/lora_emu.h"  // first: with -DLORA_EMULATE (CPU tests of plan "cublas") it redefines the CUDA keywords
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef LORA_EMULATE
 #include <mma.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -79,6 +83,7 @@ __device__ __forceinline__ void store_dyn(void* p, int64_t i, float v, int code)
 template <typename T>
 struct WarpMma;
 
+#ifndef LORA_EMULATE  // no WMMA on the host: the emulated kernels use TileMma's SIMT scheme (cublas_plan.cu)
 template <typename T>
 struct WarpMmaWmma {
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
@@ -99,6 +104,7 @@ template <>
 struct WarpMma<__half> : WarpMmaWmma<__half> {};
 template <>
 struct WarpMma<__nv_bfloat16> : WarpMmaWmma<__nv_bfloat16> {};
+#endif
 
 // fp32 activations: SIMT, exact fp32 FMAs (no tf32, so results match torch's fp32 matmul with tf32 off).
 // Lane l owns row l/2 and columns (l%2)*8 .. +8 of the 16x16 tile.
