@@ -281,3 +281,32 @@ def test_lora_linear_refuses_cpu_tensors_for_cuda():
     x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
     with ops.plan("cublas"), pytest.raises(lora_kernels.BackendUnavailableError, match="backend 'cuda' cannot run"):
         lora_kernels.lora_linear(x, w, None, a, b, 1.0, backend="cuda")
+
+
+@pytest.mark.parametrize("plan", ["fused", "cublas"])
+def test_torch_compile_fullgraph_traces_both_directions(plan):
+    """torch.compile(fullgraph=True) over the backend's op on meta tensors (no device: the fake impls run): no graph
+    break, the forward graph holds cuda_lora_fwd and the backward graph cuda_lora_bwd, both with the plan."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lora_kernels.backends.base import LoRAOpts
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    def f(x, w, b, a, bb):
+        return ops.CUDA_OP.apply(x, w, b, a, bb, None, LoRAOpts(2.0, 0.1, seed=3), plan).float().sum()
+
+    x, w, b, a, bb = _fake_inputs(device="meta")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+    compiled(x, w, b, a, bb).backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 2 and x.grad.shape == x.shape and a.grad.shape == a.shape and bb.grad.shape == bb.shape
+    fwd_code, bwd_code = graphs
+    assert "lora_kernels.cuda_lora_fwd" in fwd_code and f"'{plan}'" in fwd_code
+    assert "lora_kernels.cuda_lora_bwd" in bwd_code and f"'{plan}'" in bwd_code
