@@ -18,7 +18,10 @@ Levels, each per call (median over interleaved rounds of the per-round mean, mic
 * ``F.linear``: torch's own frozen linear at the same sizes (dispatch + autograd floor, no LoRA).
 
 Modes ``fwd`` (forward with autograd recording) and ``fwd+bwd`` (forward then ``backward``); plans ``fused`` and
-``library``; also the launches per call (Triton launches / library GEMMs) the stub counted.
+``library``; also the launches per call (Triton launches / library GEMMs) the stub counted. Last, rows
+``triton binder <kernel>``: the part of Triton's launcher that can be timed without a GPU (argument binding and
+specialisation + cache key, per launch, with the plans' real arguments): what a launch through a compiled kernel
+bound once would skip.
 """
 
 from __future__ import annotations
@@ -147,6 +150,57 @@ def measure(rounds: int, calls: int, p: float) -> list[dict]:
     return rows
 
 
+def triton_binder_rows(p: float) -> list[dict]:
+    """Triton's own per-launch host step that runs before the driver launch, measured on the CPU: the generated
+    argument binder (specialisation of every argument) and the compiled-kernel cache key, for each kernel the
+    fused and library plans launch, with their real arguments (an sm_90 backend object; no GPU needed). This is
+    the work a launch through a bound compiled kernel would skip. Empty when this Triton has no such internals."""
+    import timeit
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+    except ImportError as e:
+        print(f"triton binder: not measured ({e})")
+        return []
+    from lora_kernels.backends.triton import launch
+    from lora_kernels.backends.triton.kernels import backward, gemm, xa
+
+    jit = {"lora_fwd_kernel": gemm, "lora_xa_kernel": xa, "lora_bwd_kernel": backward}
+    captured: dict[str, tuple] = {}
+
+    def grab(kernel, grid, *args, count: bool = True, **meta) -> None:
+        captured.setdefault(kernel.__name__, (args, meta))
+
+    saved, launch.launch_kernel = launch.launch_kernel, grab
+    try:
+        for plan in ("fused", "library"):
+            fns, _ = _calls(1024, plan, p)
+            fns[("plan", "fwd+bwd")]()
+    finally:
+        launch.launch_kernel = saved
+    backend, rows = CUDABackend(GPUTarget("cuda", 90, 32)), []
+    for name, (args, meta) in sorted(captured.items()):
+        kernel = getattr(jit[name], name)
+        if not hasattr(kernel, "signature"):  # TRITON_INTERPRET=1 wrapped it: the JITFunction a GPU would launch
+            kernel = JITFunction(kernel.fn)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        kw = dict(meta, debug=False, instrumentation_mode="", fpsan_homomorphic_casts=False)
+        cache: dict = {}
+
+        def call(binder=binder, args=args, kw=kw, cache=cache):
+            _, spec, opts = binder(*args, **kw)
+            return compute_cache_key(cache, spec, opts)
+
+        call()
+        us = [t / 2000 * 1e6 for t in timeit.repeat(call, number=2000, repeat=7)]
+        rows.append(dict(M=1024, plan="-", level=f"triton binder {name}", mode="per launch", p=p,
+                         us_median=round(statistics.median(us), 2), us_min=round(min(us), 2), triton_launches=1,
+                         library_calls=0))  # fmt: skip
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -157,6 +211,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = measure(args.rounds, args.calls, args.p)
+    rows += triton_binder_rows(args.p)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()  # fmt: skip
