@@ -39,7 +39,7 @@ void check_sizes(const char* call, int64_t M, int64_t N, int64_t K, int64_t r) {
   if (K < 1) bad(call, "K (in_features) must be >= 1, got " + str(K));
   if (r < 1 || r > lora::plan::kMaxRank)
     bad(call, "r (LoRA rank) must be in [1, " + str(lora::plan::kMaxRank) + "] for plan 'cublas', got " + str(r));
-  // grid limits: the forward seed kernel has one CTA row per 64 rows (gridDim.y <= 65535), column tiles of 128
+  // grid limits: the forward lowrank_add kernel has one CTA row per 64 rows (gridDim.y <= 65535), column tiles of 128
   if ((M + lora::plan::kRowBlock - 1) / lora::plan::kRowBlock > 65535)
     bad(call, "M (rows of x) must be <= " + str(int64_t(65535) * lora::plan::kRowBlock) + " for plan 'cublas', got " +
                   str(M));

@@ -15,7 +15,7 @@ namespace lora::plan {
 
 constexpr int kMaxRank = 64;     // RP = r rounded up to 16 <= 64: the accumulators of the kernels
 constexpr int kRowBlock = 64;    // rows per tile in every kernel
-constexpr int kColTile = 128;    // columns per tile of the seed / dB kernels
+constexpr int kColTile = 128;    // columns per tile of the lowrank_add / dB kernels
 constexpr int kReduceStep = 64;  // reduction step (columns) of the rank-reduce kernel
 constexpr int kMaxSplits = 8;    // M-splits of the dA / dB / db reductions (deterministic partial sums)
 constexpr int64_t kLtWorkspaceBytes = int64_t(32) << 20;  // cuBLASLt workspace (torch's size on sm_90)

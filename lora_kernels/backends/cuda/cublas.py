@@ -1,8 +1,9 @@
 """Plan ``cublas`` of the CUDA backend: ``lora_kernels._C_cublas`` (csrc/cublas_plan.cu, csrc/lt_gemm.cpp).
 
-The two big GEMMs run in cuBLASLt from C++ with the rank-r term accumulated in the same call (beta = 1 onto a
-tensor seeded with ``s·(XA)Bᵀ + b``, resp. ``s·((GB)A) ⊙ Z``); the skinny parts (``dropout(X)Aᵀ``, ``GB``,
-``dA``, ``dB``, ``db``) are the module's own kernels, every reduction a fixed-order split sum (no atomics: the
+The two big GEMMs (``X·Wᵀ``, ``G·W``) run in cuBLASLt from C++, the rank-r term added right after each in one
+pass over its output (``Y += b + s·(XA)Bᵀ``, resp. ``dX += s·((GB)A) ⊙ Z/(1-p)``: added after the GEMM, not
+seeded under it with beta = 1, which would round the LoRA term first: csrc/cublas_plan.cu); the skinny parts
+(``dropout(X)Aᵀ``, ``GB``, ``dA``, ``dB``, ``db``) are the module's own kernels, every reduction a fixed-order split sum (no atomics: the
 gradients are bit-reproducible whatever ``deterministic`` says). One C++ call per direction issues every launch
 (3 forward, up to 5 backward), with no host synchronisation and no allocation but the workspace passed in from
 here (PyTorch's caching allocator), so a warmed-up call is CUDA-graph capturable.

@@ -6,8 +6,8 @@
 plan       forward                                                backward
 =========  =====================================================  ===========================================
 fused      1 launch (lora_kernels._C, csrc/lora_fwd.cu)           1 launch, 2 deterministic (csrc/lora_bwd.cu)
-cublas     XA kernel, seed kernel, cuBLASLt Y = X Wᵀ + seed       GB, dX seed + dA, dB/db, reduce, cuBLASLt dX
-           (lora_kernels._C_cublas, csrc/cublas_plan.cu)          (no atomics: always bit-reproducible)
+cublas     XA kernel, cuBLASLt Y = X Wᵀ, Y += b + s·XA Bᵀ          GB, cuBLASLt dX = G W, dX += LoRA term + dA, dB/db,
+           (lora_kernels._C_cublas, csrc/cublas_plan.cu)          reduce (no atomics: always bit-reproducible)
 =========  =====================================================  ===========================================
 
 Which plan runs: :func:`set_plan` (``"auto"``, ``"fused"``, ``"cublas"``; ``None`` = environment / default), else
