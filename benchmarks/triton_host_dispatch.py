@@ -21,7 +21,8 @@ Modes ``fwd`` (forward with autograd recording) and ``fwd+bwd`` (forward then ``
 ``library``; also the launches per call (Triton launches / library GEMMs) the stub counted. Last, rows
 ``triton binder <kernel>``: the part of Triton's launcher that can be timed without a GPU (argument binding and
 specialisation + cache key, per launch, with the plans' real arguments): what a launch through a compiled kernel
-bound once would skip.
+bound once would skip. And rows ``helper <name>``: the per-call helpers alone (best of repeats), which is where a
+change of a few microseconds shows above the noise of whole calls.
 """
 
 from __future__ import annotations
@@ -201,6 +202,31 @@ def triton_binder_rows(p: float) -> list[dict]:
     return rows
 
 
+def helper_rows(p: float) -> list[dict]:
+    """The per-call helpers the plans run on every call, timed alone on the plans' real arguments (best of
+    repeats: robust to load, unlike the whole-call figures): what a change to one of them moves."""
+    import timeit
+
+    from lora_kernels.backends.triton import configs, launch
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1024, K, generator=g), torch.randn(N, K, generator=g)
+    a, b, dy = torch.randn(R, K, generator=g), torch.randn(N, R, generator=g), torch.randn(1024, N, generator=g)
+    cases = {
+        "aligned (forward args)": lambda: launch.aligned((N,), x, w, a, b, None),
+        "aligned (backward args)": lambda: launch.aligned((K,), dy, x, w, a, b, None),
+        "m_bucket(1024)": lambda: configs.m_bucket(1024),
+        "rows_view(x)": lambda: launch.rows_view(x),
+    }
+    rows = []
+    for name, fn in cases.items():
+        us = [t / 20000 * 1e6 for t in timeit.repeat(fn, number=20000, repeat=7)]
+        rows.append(dict(M=1024, plan="-", level=f"helper {name}", mode="per call", p=p,
+                         us_median=round(statistics.median(us), 3), us_min=round(min(us), 3), triton_launches=0,
+                         library_calls=0))  # fmt: skip
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -211,7 +237,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = measure(args.rounds, args.calls, args.p)
-    rows += triton_binder_rows(args.p)
+    rows += helper_rows(args.p) + triton_binder_rows(args.p)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()  # fmt: skip
