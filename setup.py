@@ -6,6 +6,9 @@ pybind11 module with nvcc, Ninja and a static cudart. Environment:
 
     LORA_KERNELS_SKIP_CUDA=1           skip the extension
     LORA_KERNELS_CUDA_ARCHS="80;90"    CMAKE_CUDA_ARCHITECTURES (default "80;90"; e.g. "90" on an H100/H200 only)
+    LORA_KERNELS_SKIP_CUBLAS=1         build _C only, not _C_cublas (plan "cublas": needs cuBLASLt headers + library)
+    LORA_KERNELS_CUBLAS_ROOT=DIR       where include/cublasLt.h and lib/libcublasLt.so.* are (default: the installed
+                                       `nvidia-cublas` wheel, nvidia/cu13 or nvidia/cublas, then the CUDA toolkit)
     LORA_KERNELS_BUILD_JOBS=N          parallel compile jobs (default: CPU count)
     CUDACXX / CUDA_HOME                which nvcc to use
 
@@ -61,13 +64,45 @@ def _cmake_and_generator() -> tuple[str, list[str]]:
     return cmake, gen
 
 
+def _cublas_root() -> str | None:
+    """The directory holding include/cublasLt.h and lib/libcublasLt.so.<major>: LORA_KERNELS_CUBLAS_ROOT, the
+    `nvidia-cublas` wheel of this Python (a build requirement: pyproject.toml), or the CUDA toolkit."""
+    roots = [os.environ.get("LORA_KERNELS_CUBLAS_ROOT")]
+    try:
+        import nvidia  # namespace package of NVIDIA's PyPI wheels
+
+        for base in nvidia.__path__:
+            roots += [os.path.join(base, "cu13"), os.path.join(base, "cublas")]
+    except ImportError:
+        pass
+    nvcc = _find_nvcc()
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in roots:
+        if not root or not os.path.isfile(os.path.join(root, "include", "cublasLt.h")):
+            continue
+        for lib in ("lib", "lib64"):
+            d = os.path.join(root, lib)
+            if os.path.isdir(d) and any(f.startswith("libcublasLt.so") for f in os.listdir(d)):
+                return root
+    return None
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
 
 
 class CMakeBuild(build_ext):
+    """One CMake build makes every module (lora_kernels._C and, with cuBLASLt, lora_kernels._C_cublas); each is
+    declared as an extension so that setuptools copies it (``--inplace``) or packages it (wheels)."""
+
+    _built = False
+
     def build_extension(self, ext: Extension) -> None:
+        if CMakeBuild._built:
+            return
+        CMakeBuild._built = True
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
@@ -89,6 +124,10 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DLORA_KERNELS_OUTPUT_DIR={out_dir}",
         ]
+        if _CUBLAS_ROOT is None:
+            cfg.append("-DLORA_KERNELS_WITH_CUBLAS=OFF")
+        else:
+            cfg.append(f"-DLORA_KERNELS_CUBLAS_ROOT={_CUBLAS_ROOT}")
         jobs = os.environ.get("LORA_KERNELS_BUILD_JOBS", str(os.cpu_count() or 1))
         subprocess.run(cfg, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
@@ -101,8 +140,19 @@ def _ext_modules() -> list[Extension]:
     if _find_nvcc() is None:
         print("lora_kernels: nvcc not found, installing the pure-Python package (no lora_kernels._C)")
         return []
-    return [CMakeExtension("lora_kernels._C")]
+    exts = [CMakeExtension("lora_kernels._C")]
+    if _CUBLAS_ROOT is not None:
+        exts.append(CMakeExtension("lora_kernels._C_cublas"))
+    elif os.environ.get("LORA_KERNELS_SKIP_CUBLAS") == "1":
+        print("lora_kernels: LORA_KERNELS_SKIP_CUBLAS=1: building lora_kernels._C only (no plan 'cublas')")
+    else:
+        print(
+            "lora_kernels: cuBLASLt headers/library not found (pip install nvidia-cublas, or set "
+            "LORA_KERNELS_CUBLAS_ROOT): building lora_kernels._C only (no plan 'cublas')"
+        )
+    return exts
 
 
+_CUBLAS_ROOT = None if os.environ.get("LORA_KERNELS_SKIP_CUBLAS") == "1" else _cublas_root()
 _exts = _ext_modules()
 setup(ext_modules=_exts, cmdclass={"build_ext": CMakeBuild} if _exts else {})

@@ -19,14 +19,24 @@
 #             every plan against the fp64 oracle; in the log
 #   bisect    (not by default; GPU run 4 answered it) benchmarks/gpu_unaligned_bisect.py: which kernel / tile /
 #             compiler change avoids the Triton unaligned 16-bit fault (RESULT lines in device_check.log; never a FAIL)
-# Files under $OUT (at most 8 come back): device_check.log build.log gpu_tests.log sanitizer.log bench.csv
+#   cutests   (issue 20) pytest -m gpu tests/test_cuda_cublas.py tests/test_cuda_kernels.py: the CUDA plans 'cublas'
+#             (new) and 'fused' (moved to cuda/fused.py, csrc/ reformatted)          -> $OUT/gpu_tests.log
+#   cusanitize (issue 20) compute-sanitizer memcheck + racecheck on csrc/sanitize_check.py --plan cublas
+#                                                                                  -> $OUT/sanitizer.log
+#   plans     (issue 20) benchmarks/gpu_plans.py: fwd, bwd, fwd+bwd at M in {16, 1024, 8192}, p in {0, 0.1}, every
+#             Triton and CUDA plan and auto next to base / addmm / PEFT, host time per call, the oracle check, and
+#             the issue's targets as PASS / MISS lines (in the log)
+# Step sets: --steps cuda2 = info,build,cutests,cusanitize,plans (issue 20's measurement, one call < 8 minutes).
+# Files under $OUT (at most 8 come back): device_check.log build.log gpu_tests.log sanitizer.log bench.csv (plans.csv: cuda2)
 # bench.md bench.png memory_scale.csv. The benchmark's markdown table is printed LAST. Exit status: 0 only if the build (when
 # there is one), the GPU tests and the benchmark's correctness cross-check all passed.
 #
-# Options: --steps info,build,tests,sanitize,bench,memscale,tune[,bisect] (a subset, in this order)   --cpu-dry-run
+# Options: --steps info,build,tests,sanitize,bench,memscale,tune[,bisect,cutests,cusanitize,plans] (a subset, in
+#   this order; or the set cuda2)   --cpu-dry-run
 # Environment: OUT (default: a new temp dir), PYTHON (default python3, or the first python that imports torch),
 #   DC_BUDGET_S (total seconds, default 470: one call under 8 minutes; dry run 900), DC_BUILD_S (default 180; dry run 480) / DC_TESTS_S /
-#   DC_SANITIZE_S / DC_BENCH_S / DC_MEMSCALE_S / DC_TUNE_S / DC_BISECT_S (per-step caps), DC_TUNE_BUDGET_S
+#   DC_SANITIZE_S / DC_BENCH_S / DC_MEMSCALE_S / DC_TUNE_S / DC_BISECT_S / DC_CUTESTS_S / DC_CUSANITIZE_S /
+#   DC_PLANS_S (per-step caps), DC_TUNE_BUDGET_S
 #   (autotuning seconds inside the tune step, default 30),
 #   DC_TEST_TIMEOUT (per test, default 90), BENCH_GIT_COMMIT (commit recorded in the CSV when .git is absent),
 #   DC_BENCH_ARGS (extra bench_lora arguments, word-split, e.g. "--providers base,torch,triton").
@@ -46,6 +56,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+
+[ "$STEPS" = cuda2 ] && STEPS="info,build,cutests,cusanitize,plans"
 
 if [ -z "${OUT:-}" ]; then
   OUT=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
@@ -76,8 +88,9 @@ want() { [[ ",$STEPS," == *",$1,"* ]]; }
 # What each step needs at least, kept back for it by the steps before it (only for steps that were asked for:
 # GPU run 5 ran --steps info,tests,bench and its tests were cut at 92 s, the reserve of sanitize/memscale that
 # were not going to run).
-declare -A STEP_NEED=([build]=0 [tests]=100 [sanitize]=60 [bench]=90 [memscale]=40 [tune]=40 [bisect]=0)
-STEP_ORDER="build tests sanitize bench memscale tune bisect"
+declare -A STEP_NEED=([build]=0 [tests]=100 [sanitize]=60 [bench]=90 [memscale]=40 [tune]=40 [bisect]=0
+                      [cutests]=90 [cusanitize]=60 [plans]=120)
+STEP_ORDER="build tests sanitize bench memscale tune bisect cutests cusanitize plans"
 
 # reserve_after STEP: the seconds the requested steps after STEP need
 reserve_after() {
@@ -282,6 +295,57 @@ EOF
     [ "$DRY" = 1 ] && dargs=(--dry-run)
     run_step bisect "$to" - "$PY" benchmarks/gpu_unaligned_bisect.py "${dargs[@]}"
     [ "$STEP_RC" -eq 0 ] || WARNS+=("bisect: rc=$STEP_RC (informational: see its RESULT lines)")
+  fi
+
+  if want cutests; then
+    local to targs=()
+    to=$(step_timeout "${DC_CUTESTS_S:-150}" cutests)
+    "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && targs=(--timeout="${DC_TEST_TIMEOUT:-90}")
+    run_step cutests "$to" "+$OUT/gpu_tests.log" "$PY" -m pytest -m gpu -q tests/test_cuda_cublas.py \
+      tests/test_cuda_kernels.py -p no:cacheprovider "${targs[@]}" -rfEs --durations=10
+    tail -n 30 "$OUT/gpu_tests.log"
+    if [ "$STEP_RC" -eq 5 ] || { [ "$DRY" = 1 ] && [ "$STEP_RC" -eq 0 ]; }; then
+      WARNS+=("cutests: no GPU test ran (rc=$STEP_RC)")
+    elif [ "$STEP_RC" -ne 0 ]; then
+      log "!!!!!!!! CUDA PLAN GPU TESTS FAILED (rc=$STEP_RC): see gpu_tests.log"
+      FAILS+=("cutests: pytest -m gpu tests/test_cuda_cublas.py tests/test_cuda_kernels.py failed (rc=$STEP_RC)")
+    fi
+  fi
+
+  if want cusanitize; then
+    if ! command -v compute-sanitizer >/dev/null 2>&1; then
+      log "=== cusanitize: compute-sanitizer not on PATH: skipped"
+      WARNS+=("cusanitize: compute-sanitizer not on PATH")
+    else
+      local tool to
+      for tool in memcheck racecheck; do
+        to=$(step_timeout "${DC_CUSANITIZE_S:-60}" cusanitize "$([ "$tool" = memcheck ] && echo 30 || echo 0)")
+        echo "===== compute-sanitizer --tool $tool (plan cublas)" >> "$OUT/sanitizer.log"
+        run_step "cusanitize-$tool" "$to" "+$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+          compute-sanitizer --tool "$tool" --error-exitcode 97 --print-limit 50 "$PY" csrc/sanitize_check.py --plan cublas
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_check:" "$OUT/sanitizer.log" | tail -2
+        if [ "$STEP_RC" -eq 97 ] || [ "$STEP_RC" -eq 1 ]; then
+          log "!!!!!!!! compute-sanitizer $tool (plan cublas) reported errors or a wrong result: see sanitizer.log"
+          FAILS+=("cusanitize: $tool rc=$STEP_RC")
+        elif [ "$STEP_RC" -ne 0 ]; then
+          WARNS+=("cusanitize: $tool did not complete (rc=$STEP_RC)")
+        fi
+      done
+    fi
+  fi
+
+  if want plans; then
+    local to pargs=()
+    to=$(step_timeout "${DC_PLANS_S:-200}" plans)
+    pargs=(--csv "$OUT/plans.csv")
+    [ "$DRY" = 1 ] && pargs+=(--dry-run)
+    run_step plans "$to" - "$PY" -m benchmarks.gpu_plans "${pargs[@]}"
+    if [ "$STEP_RC" -eq 1 ]; then
+      log "!!!!!!!! gpu_plans: a provider missed the fp64 oracle (MISMATCHES above)"
+      FAILS+=("plans: a provider missed the oracle")
+    elif [ "$STEP_RC" -ne 0 ]; then
+      WARNS+=("plans: rc=$STEP_RC (see its lines above)")
+    fi
   fi
 
   log "=== summary (${SECONDS}s of ${BUDGET}s budget)"

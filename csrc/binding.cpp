@@ -36,7 +36,8 @@ void check_sizes(const char* call, int64_t M, int64_t N, int64_t K, int64_t r) {
 }
 
 void check_stride(const char* call, const char* name, int64_t s) {
-  if (s < 0) bad(call, std::string(name) + " must be >= 0 (negative strides are not supported), got " + std::to_string(s));
+  if (s < 0)
+    bad(call, std::string(name) + " must be >= 0 (negative strides are not supported), got " + std::to_string(s));
 }
 
 void check_dtypes(const char* call, int act, int adapter) {
@@ -47,8 +48,8 @@ void check_dtypes(const char* call, int act, int adapter) {
                   std::to_string(adapter));
 }
 
-lora::DropoutParams dropout_params(const char* call, bool enabled, uint64_t seed, uint64_t offset,
-                                   uint64_t threshold, double inv_keep) {
+lora::DropoutParams dropout_params(const char* call, bool enabled, uint64_t seed, uint64_t offset, uint64_t threshold,
+                                   double inv_keep) {
   if (threshold > 0xFFFFFFFFull) bad(call, "threshold must fit in 32 bits, got " + std::to_string(threshold));
   if (enabled && !(std::isfinite(inv_keep) && inv_keep >= 1.0))
     bad(call, "inv_keep (1 / (1 - p)) must be a finite float >= 1, got " + std::to_string(inv_keep));
@@ -75,7 +76,7 @@ void lora_fwd(uint64_t x, int64_t stride_x_m, int64_t stride_x_k, uint64_t weigh
   check_pointer(call, "bias", ptr(bias), ea, true);
   check_pointer(call, "lora_a", ptr(lora_a), ed, false);
   check_pointer(call, "lora_b", ptr(lora_b), ed, false);
-  check_pointer(call, "y", ptr(y), ea, M == 0);  // empty tensors may have no storage
+  check_pointer(call, "y", ptr(y), ea, M == 0);   // empty tensors may have no storage
   check_pointer(call, "xa", ptr(xa), 4, M == 0);  // empty tensors may have no storage
 
   lora::FwdParams p{};
@@ -86,8 +87,13 @@ void lora_fwd(uint64_t x, int64_t stride_x_m, int64_t stride_x_k, uint64_t weigh
   p.drop = dropout_params(call, dropout, seed, offset, threshold, inv_keep);
 
   const lora::DeviceGuard guard(call, device);
-  for (auto [name, v] : {std::pair<const char*, uint64_t>{"x", x}, {"weight", weight}, {"bias", bias},
-                         {"lora_a", lora_a}, {"lora_b", lora_b}, {"y", y}, {"xa", xa}})
+  for (auto [name, v] : {std::pair<const char*, uint64_t>{"x", x},
+                         {"weight", weight},
+                         {"bias", bias},
+                         {"lora_a", lora_a},
+                         {"lora_b", lora_b},
+                         {"y", y},
+                         {"xa", xa}})
     lora::check_on_device(call, name, ptr(v), device);
   lora::launch_fwd(p, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
 }
@@ -109,7 +115,7 @@ void lora_bwd(uint64_t grad_y, int64_t stride_g_m, int64_t stride_g_n, uint64_t 
   const int64_t ea = lora::dtype_bytes(call, "act_dtype", act_dtype);
   const int64_t ed = lora::dtype_bytes(call, "adapter_dtype", adapter_dtype);
   check_pointer(call, "grad_y", ptr(grad_y), ea, M == 0);  // empty tensors may have no storage
-  check_pointer(call, "x", ptr(x), ea, M == 0);  // empty tensors may have no storage
+  check_pointer(call, "x", ptr(x), ea, M == 0);            // empty tensors may have no storage
   check_pointer(call, "weight", ptr(weight), ea, false);
   check_pointer(call, "lora_a", ptr(lora_a), ed, false);
   check_pointer(call, "lora_b", ptr(lora_b), ed, false);
@@ -136,9 +142,17 @@ void lora_bwd(uint64_t grad_y, int64_t stride_g_m, int64_t stride_g_n, uint64_t 
   p.deterministic = deterministic;
 
   const lora::DeviceGuard guard(call, device);
-  for (auto [name, v] : {std::pair<const char*, uint64_t>{"grad_y", grad_y}, {"x", x}, {"weight", weight},
-                         {"lora_a", lora_a}, {"lora_b", lora_b}, {"xa", xa}, {"grad_x", grad_x}, {"grad_a", grad_a},
-                         {"grad_b", grad_b}, {"grad_bias", grad_bias}, {"workspace", workspace}})
+  for (auto [name, v] : {std::pair<const char*, uint64_t>{"grad_y", grad_y},
+                         {"x", x},
+                         {"weight", weight},
+                         {"lora_a", lora_a},
+                         {"lora_b", lora_b},
+                         {"xa", xa},
+                         {"grad_x", grad_x},
+                         {"grad_a", grad_a},
+                         {"grad_b", grad_b},
+                         {"grad_bias", grad_bias},
+                         {"workspace", workspace}})
     lora::check_on_device(call, name, ptr(v), device);
   lora::launch_bwd(p, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
 }

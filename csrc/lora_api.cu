@@ -28,8 +28,8 @@ DeviceGuard::DeviceGuard(const char* call, int device) {
   if (cudaGetDevice(&current) != cudaSuccess || current != device) {
     const cudaError_t e2 = cudaSetDevice(device);
     if (e2 != cudaSuccess)
-      throw std::runtime_error(std::string(call) + ": cudaSetDevice(" + std::to_string(device) + ") failed: " +
-                               cuda_msg(e2));
+      throw std::runtime_error(std::string(call) + ": cudaSetDevice(" + std::to_string(device) +
+                               ") failed: " + cuda_msg(e2));
     previous_ = current;
   }
 }
@@ -45,11 +45,13 @@ void check_pointer(const char* call, const char* name, const void* ptr, int64_t 
     throw std::invalid_argument(std::string(call) + ": " + name + " must be a non-null device pointer");
   }
   if (addr % static_cast<uintptr_t>(elem_bytes) != 0)
-    throw std::invalid_argument(std::string(call) + ": " + name + " (0x" + [&] {
-      char buf[32];
-      snprintf(buf, sizeof(buf), "%llx", static_cast<unsigned long long>(addr));
-      return std::string(buf);
-    }() + ") must be aligned to its element size (" + std::to_string(elem_bytes) + " bytes)");
+    throw std::invalid_argument(std::string(call) + ": " + name + " (0x" +
+                                [&] {
+                                  char buf[32];
+                                  snprintf(buf, sizeof(buf), "%llx", static_cast<unsigned long long>(addr));
+                                  return std::string(buf);
+                                }() +
+                                ") must be aligned to its element size (" + std::to_string(elem_bytes) + " bytes)");
 }
 
 void check_on_device(const char* call, const char* name, const void* ptr, int device) {
@@ -95,8 +97,8 @@ void set_smem_limit(const char* call, const void* kernel, size_t bytes) {
     throw std::invalid_argument(std::string(call) + ": needs " + std::to_string(bytes) +
                                 " bytes of shared memory per block for this rank and dtype; the device allows " +
                                 std::to_string(optin) + " (use a smaller rank r)");
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(bytes));
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) throw std::runtime_error(std::string(call) + ": cudaFuncSetAttribute: " + cuda_msg(err));
 }
 

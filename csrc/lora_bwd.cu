@@ -133,10 +133,10 @@ __device__ __forceinline__ void bwd_db_chunk(const BwdParams& p, const BwdWs& W,
     unsigned int* cnt = reinterpret_cast<unsigned int*>(ws + W.cnt_n) + n0 / BNR;
     if (arrive_last(cnt, tiles_m, &last_flag)) {
       const int64_t nend = n0 + BNR < N ? n0 + BNR : N;
-      for (int64_t e = n0 * r + tid; e < nend * r; e += kThreads)
-        store_dyn(p.db, e, __ldcg(ws + W.dbm + e), adt);
+      for (int64_t e = n0 * r + tid; e < nend * r; e += kThreads) store_dyn(p.db, e, __ldcg(ws + W.dbm + e), adt);
       if (p.dbias != nullptr)
-        for (int64_t n = n0 + tid; n < nend; n += kThreads) store_dyn(p.dbias, n, __ldcg(ws + W.dbias + n), p.act_dtype);
+        for (int64_t n = n0 + tid; n < nend; n += kThreads)
+          store_dyn(p.dbias, n, __ldcg(ws + W.dbias + n), p.act_dtype);
     }
   }
 }
@@ -145,9 +145,9 @@ __device__ __forceinline__ void bwd_db_chunk(const BwdParams& p, const BwdWs& W,
 // memory; Ac scratch for the A chunks. Writes dX = Cs + s · (GB A) ⊙ Z / (1-p), then dA (+)= s · GBᵀ (X ⊙ Z);
 // the last M tile of column kcol casts its dA slice (atomic mode).
 template <typename T, int kBM>
-__device__ __forceinline__ void bwd_epilogue(const BwdParams& p, const BwdWs& W, float* Cs, float* Ac,
-                                             const float* GBs, const int ldx, const int64_t mt, const int64_t k0,
-                                             const unsigned int kcol, const unsigned int tiles_m, bool* last_flag_ptr) {
+__device__ __forceinline__ void bwd_epilogue(const BwdParams& p, const BwdWs& W, float* Cs, float* Ac, const float* GBs,
+                                             const int ldx, const int64_t mt, const int64_t k0, const unsigned int kcol,
+                                             const unsigned int tiles_m, bool* last_flag_ptr) {
   constexpr int BM = kBM;
   constexpr int V = Vec<T>::N;
   bool& last_flag = *last_flag_ptr;
@@ -236,8 +236,8 @@ __device__ __forceinline__ void bwd_epilogue(const BwdParams& p, const BwdWs& W,
 }
 
 template <typename T, int kMaxGbFrags>
-__global__ void __launch_bounds__(kThreads, kMaxGbFrags <= 2 ? 2 : 1) lora_bwd_kernel(const BwdParams p, const BwdSmem L, const BwdWs W,
-                                                            const int rp) {
+__global__ void __launch_bounds__(kThreads, kMaxGbFrags <= 2 ? 2 : 1)
+    lora_bwd_kernel(const BwdParams p, const BwdSmem L, const BwdWs W, const int rp) {
   using Mma = WarpMma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   // no static __shared__ in this kernel: the dynamic region then starts at offset 0 (WMMA needs 32-byte alignment)
@@ -311,7 +311,8 @@ __global__ void __launch_bounds__(kThreads, kMaxGbFrags <= 2 ? 2 : 1) lora_bwd_k
 #pragma unroll
       for (int f = 0; f < kMaxGbFrags; ++f) {
         const int fi = warp + 8 * f;
-        if (fi < n_gb_frags) Mma::mma(acc_gb[f], Gs + (fi & 3) * 16 * LDT + kk, LDT, Bts + (fi >> 2) * 16 * LDT + kk, LDT);
+        if (fi < n_gb_frags)
+          Mma::mma(acc_gb[f], Gs + (fi & 3) * 16 * LDT + kk, LDT, Bts + (fi >> 2) * 16 * LDT + kk, LDT);
       }
     }
     if (col0) bwd_db_chunk<T, BM>(p, W, Gs, LDT, XAs, ldx, mt, n0, gridDim.x, &last_flag);
@@ -360,7 +361,6 @@ __global__ void __launch_bounds__(kThreads) lora_bwd_reduce(const BwdParams p, c
   }
 }
 
-
 // ---- pipelined kernel (fp16/bf16, r <= 64, 16-byte aligned rows): lora_pipe.cuh's main loop on a [128, 128] tile
 // of dX (A operand G [M, N], B operand W read transposed, LoRA operand Bᵀ), 1-D grid in grouped order. Shared
 // memory: the cp.async ring (main loop) aliased by the fp32 epilogue (Cs, Ac), then XA / GB and the flag.
@@ -383,9 +383,9 @@ BwdPipeSmem bwd_pipe_layout() {
 }
 
 template <typename T, int kBK>
-__global__ void __launch_bounds__(kThreads, 1) lora_bwd_pipe_kernel(const BwdParams p, const BwdPipeSmem L,
-                                                                    const BwdWs W, const int rp, const int tiles_m,
-                                                                    const int tiles_k) {
+__global__ void __launch_bounds__(kThreads, 1)
+    lora_bwd_pipe_kernel(const BwdParams p, const BwdPipeSmem L, const BwdWs W, const int rp, const int tiles_m,
+                         const int tiles_k) {
   static_assert(pipe::BN == BKX && kBK % BNR == 0, "the epilogue and dB chunks assume BKX = 128, BK = 32 * h");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async / ldmatrix / bf16 mma need sm_80 (the launcher never picks this kernel below it)
@@ -466,10 +466,10 @@ void launch_bwd(const BwdParams& p, void* stream_ptr) {
   int bk = piped ? pipe_bk() : 32;
   // BK=64's backward needs ~166 KB of shared memory: more than sm_80's opt-in limit (163 KB) -> BK=32 there
   if (piped && bk == 64 && bwd_pipe_layout<__half, 64>().total + 16 > device_smem_optin()) bk = 32;
-  record_path(1, !piped ? why_simple
-                 : bk == 64 ? "pipelined (BK=64)"
+  record_path(1, !piped            ? why_simple
+                 : bk == 64        ? "pipelined (BK=64)"
                  : pipe_bk() == 64 ? "pipelined (BK=32: BK=64 needs more shared memory than this device allows)"
-                              : "pipelined");
+                                   : "pipelined");
   const BwdWs W = bwd_ws_layout(p.M, p.N, p.K, p.r, p.deterministic, piped ? pipe::BM : BM);
   if (p.M == 0) {
     // No rows: dX is empty; dA, dB, db are zero. Plain memsets, no kernel launch.
@@ -496,15 +496,15 @@ void launch_bwd(const BwdParams& p, void* stream_ptr) {
       });
     });
   } else {
-  const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.K, BKX)));
-  LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
-    const BwdSmem L = bwd_smem_layout<T>(rp);
-    const size_t smem = L.total + 16;
-    LORA_DISPATCH_RANK(rp, F, {
-      set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T, F>), smem);
-      lora_bwd_kernel<T, F><<<grid, kThreads, smem, stream>>>(p, L, W, rp);
+    const dim3 grid(static_cast<unsigned>(cdiv(p.M, BM)), static_cast<unsigned>(cdiv(p.K, BKX)));
+    LORA_DISPATCH_ACT_DTYPE(p.act_dtype, T, {
+      const BwdSmem L = bwd_smem_layout<T>(rp);
+      const size_t smem = L.total + 16;
+      LORA_DISPATCH_RANK(rp, F, {
+        set_smem_limit("lora_bwd", reinterpret_cast<const void*>(&lora_bwd_kernel<T, F>), smem);
+        lora_bwd_kernel<T, F><<<grid, kThreads, smem, stream>>>(p, L, W, rp);
+      });
     });
-  });
   }
   check_last_error("lora_bwd");
   if (p.deterministic) {

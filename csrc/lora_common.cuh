@@ -2,9 +2,13 @@
 // (tensor cores through WMMA for fp16/bf16, plain fp32 FMAs for fp32 activations) and the dispatch macro.
 #pragma once
 
+#include "emu/lora_emu.h"  // first: with -DLORA_EMULATE (CPU tests of plan "cublas") it redefines the CUDA keywords
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef LORA_EMULATE
 #include <mma.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -19,20 +23,32 @@ constexpr int kThreads = 256;  // 8 warps per block in every kernel of this file
 template <typename T>
 __device__ __forceinline__ float to_f32(T v);
 template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+__device__ __forceinline__ float to_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32<__half>(__half v) {
+  return __half2float(v);
+}
 template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // An fp32 intermediate (XA, GB) as a GEMM operand under the precision contract (lora_kernels/backends/torch/lora.py):
 // rounded to the activation dtype T, kept in fp32 registers / shared memory. Identity for T = float.
@@ -67,6 +83,7 @@ __device__ __forceinline__ void store_dyn(void* p, int64_t i, float v, int code)
 template <typename T>
 struct WarpMma;
 
+#ifndef LORA_EMULATE  // no WMMA on the host: the emulated kernels use TileMma's SIMT scheme (cublas_plan.cu)
 template <typename T>
 struct WarpMmaWmma {
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
@@ -87,6 +104,7 @@ template <>
 struct WarpMma<__half> : WarpMmaWmma<__half> {};
 template <>
 struct WarpMma<__nv_bfloat16> : WarpMmaWmma<__nv_bfloat16> {};
+#endif
 
 // fp32 activations: SIMT, exact fp32 FMAs (no tf32, so results match torch's fp32 matmul with tf32 off).
 // Lane l owns row l/2 and columns (l%2)*8 .. +8 of the 16x16 tile.
@@ -150,8 +168,7 @@ __device__ __forceinline__ void load_vec(Vec<T>& out, const T* p, int64_t i, int
     *reinterpret_cast<uint4*>(out.v) = *reinterpret_cast<const uint4*>(p + i * si + j);
   } else {
 #pragma unroll
-    for (int t = 0; t < V; ++t)
-      out.v[t] = (i < rows && j + t < cols) ? p[i * si + (j + t) * sj] : from_f32<T>(0.0f);
+    for (int t = 0; t < V; ++t) out.v[t] = (i < rows && j + t < cols) ? p[i * si + (j + t) * sj] : from_f32<T>(0.0f);
   }
 }
 
@@ -167,37 +184,37 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 }  // namespace lora
 
 // The cases of the 16-bit activation dtypes, shared by the two dispatch switches below.
-#define LORA_CASES_16BIT(T, ...)                                                                   \
-  case ::lora::kFloat16: {                                                                         \
-    using T = __half;                                                                              \
-    __VA_ARGS__;                                                                                   \
-    break;                                                                                         \
-  }                                                                                                \
-  case ::lora::kBFloat16: {                                                                        \
-    using T = __nv_bfloat16;                                                                       \
-    __VA_ARGS__;                                                                                   \
-    break;                                                                                         \
+#define LORA_CASES_16BIT(T, ...) \
+  case ::lora::kFloat16: {       \
+    using T = __half;            \
+    __VA_ARGS__;                 \
+    break;                       \
+  }                              \
+  case ::lora::kBFloat16: {      \
+    using T = __nv_bfloat16;     \
+    __VA_ARGS__;                 \
+    break;                       \
   }
 
 // One template instance per activation dtype; everything else (adapter dtype, bias, dropout, rank) is a run-time
 // argument. Three instances per kernel keep the two-arch build well under a minute per translation unit.
-#define LORA_DISPATCH_ACT_DTYPE(code, T, ...)                                                      \
-  switch (code) {                                                                                  \
-    case ::lora::kFloat32: {                                                                       \
-      using T = float;                                                                             \
-      __VA_ARGS__;                                                                                 \
-      break;                                                                                       \
-    }                                                                                              \
-    LORA_CASES_16BIT(T, __VA_ARGS__)                                                               \
-    default:                                                                                       \
+#define LORA_DISPATCH_ACT_DTYPE(code, T, ...)                                                                \
+  switch (code) {                                                                                            \
+    case ::lora::kFloat32: {                                                                                 \
+      using T = float;                                                                                       \
+      __VA_ARGS__;                                                                                           \
+      break;                                                                                                 \
+    }                                                                                                        \
+      LORA_CASES_16BIT(T, __VA_ARGS__)                                                                       \
+    default:                                                                                                 \
       throw std::invalid_argument("lora_kernels._C: unknown activation dtype code " + std::to_string(code)); \
   }
 
 // The 16-bit activation dtypes only (the pipelined kernels: tensor-core operands through ldmatrix).
-#define LORA_DISPATCH_ACT_DTYPE_16(code, T, ...)                                                   \
-  switch (code) {                                                                                  \
-    LORA_CASES_16BIT(T, __VA_ARGS__)                                                               \
-    default:                                                                                       \
+#define LORA_DISPATCH_ACT_DTYPE_16(code, T, ...)                                                               \
+  switch (code) {                                                                                              \
+    LORA_CASES_16BIT(T, __VA_ARGS__)                                                                           \
+    default:                                                                                                   \
       throw std::invalid_argument("lora_kernels._C: no 16-bit kernel for dtype code " + std::to_string(code)); \
   }
 
@@ -213,4 +230,3 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
     constexpr int F = 8;               \
     __VA_ARGS__;                       \
   }
-

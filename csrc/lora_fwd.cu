@@ -26,10 +26,10 @@ namespace lora {
 namespace {
 
 constexpr int BM = 64, BN = 128, BK = 32;
-constexpr int LDT = BK + 8;   // 16-bit WMMA needs ld % 8 == 0; +8 also breaks bank conflicts of the row reads
-constexpr int LDC = BN + 4;   // fp32 accumulator staging, ld % 4 == 0 for store_matrix_sync
-constexpr int JC = 32;        // rank chunk of B staged in the epilogue
-constexpr int LDB = JC + 1;   // odd stride: conflict-free column reads of Bc
+constexpr int LDT = BK + 8;  // 16-bit WMMA needs ld % 8 == 0; +8 also breaks bank conflicts of the row reads
+constexpr int LDC = BN + 4;  // fp32 accumulator staging, ld % 4 == 0 for store_matrix_sync
+constexpr int JC = 32;       // rank chunk of B staged in the epilogue
+constexpr int LDB = JC + 1;  // odd stride: conflict-free column reads of Bc
 
 struct FwdSmem {
   size_t xs, xds, ws, as, main_end;  // main loop, T
@@ -99,7 +99,8 @@ __device__ __forceinline__ void fwd_epilogue(const FwdParams& p, const float* Cs
 }
 
 template <typename T, int kMaxXaFrags>
-__global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1) lora_fwd_kernel(const FwdParams p, const FwdSmem L, const int rp) {
+__global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1)
+    lora_fwd_kernel(const FwdParams p, const FwdSmem L, const int rp) {
   using Mma = WarpMma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* Xs = reinterpret_cast<T*>(smem + L.xs);
@@ -167,7 +168,8 @@ __global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1) lora_fwd_k
 #pragma unroll
       for (int f = 0; f < kMaxXaFrags; ++f) {
         const int fi = warp + 8 * f;
-        if (fi < n_xa_frags) Mma::mma(acc_xa[f], Xl + (fi & 3) * 16 * LDT + kk, LDT, As + (fi >> 2) * 16 * LDT + kk, LDT);
+        if (fi < n_xa_frags)
+          Mma::mma(acc_xa[f], Xl + (fi & 3) * 16 * LDT + kk, LDT, As + (fi >> 2) * 16 * LDT + kk, LDT);
       }
     }
     __syncthreads();
@@ -191,7 +193,6 @@ __global__ void __launch_bounds__(kThreads, kMaxXaFrags <= 2 ? 2 : 1) lora_fwd_k
 
   fwd_epilogue<T, BM>(p, Cs, XAs, Bc, ldxa, m0, n0, blockIdx.y == 0);
 }
-
 
 // ---- pipelined kernel (fp16/bf16, r <= 64, 16-byte aligned rows): lora_pipe.cuh's main loop on a [128, 128] tile
 // of Y, 1-D grid in grouped order. Shared memory: the cp.async ring + the dropped X tile (main loop), aliased by the

@@ -1,8 +1,9 @@
 """One forward + backward of the cuda backend at small odd shapes, checked against the torch backend; for
 compute-sanitizer (csrc/README.md):
 
-    compute-sanitizer --tool memcheck  python csrc/sanitize_check.py
+    compute-sanitizer --tool memcheck  python csrc/sanitize_check.py                # plan fused (both policies)
     compute-sanitizer --tool racecheck python csrc/sanitize_check.py
+    compute-sanitizer --tool memcheck  python csrc/sanitize_check.py --plan cublas  # plan cublas (_C_cublas)
 
 Exits 1 when a result misses the fp64 oracle by more than 2x torch's own error (+ 1e-6 relative), so a run that
 the sanitizer passes but that computes garbage still fails.
@@ -10,6 +11,7 @@ the sanitizer passes but that computes garbage still fails.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -41,13 +43,28 @@ DTYPES = {
 }
 
 
+# plan cublas: r = 64 (its limit) and odd r, K- and M-splits > 1 (M=7 K=300; M=300), tails of every tile
+CUBLAS_CASES = [
+    ("cublas", 7, 300, 90, 3, ("fp32", "bf16", "fp16")),
+    ("cublas", 300, 136, 264, 64, ("bf16", "fp16")),
+    ("cublas", 131, 72, 130, 16, ("bf16",)),
+]
+
+
 def main() -> int:
+    from lora_kernels.backends.cuda import ops
     from lora_kernels.backends.cuda.backend import last_path
 
+    ap = argparse.ArgumentParser(description="compute-sanitizer workload for the CUDA backend's plans")
+    ap.add_argument("--plan", choices=("fused", "cublas"), default="fused")
+    plan = ap.parse_args().plan
+    ops.set_plan(plan)
+    cases = CUBLAS_CASES if plan == "cublas" else CASES
     failures = 0
     gen = torch.Generator().manual_seed(0)
-    for policy, m, k, n, r, dts in CASES:
-        os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy
+    for policy, m, k, n, r, dts in cases:
+        if policy != "cublas":
+            os.environ["LORA_KERNELS_CUDA_KERNEL"] = policy
         for dtype, adt in (DTYPES[d] for d in dts):
             for deterministic in (False, True):
 
@@ -57,7 +74,8 @@ def main() -> int:
                 x, w, b = rnd(m, k), rnd(n, k, std=k**-0.5), rnd(n, std=0.1)
                 a, bb, g = rnd(r, k, std=k**-0.5, dt=adt), rnd(n, r, std=r**-0.5, dt=adt), rnd(m, n)
                 cu = run("cuda", x, w, b, a, bb, g, deterministic=deterministic)
-                path = last_path()
+                # plan cublas: the plan the call resolved (its backward runs the same plan: an argument of the op)
+                path = last_path() if policy != "cublas" else dict.fromkeys(("fwd", "bwd"), ops.last_plan()["plan"])
                 if not (path["fwd"].startswith(policy) and path["bwd"].startswith(policy)):
                     failures += 1
                     print(f"FAIL {policy} M={m} K={k} N={n}: took {path}")

@@ -8,6 +8,9 @@ Main loop: ``LORA_KERNELS_CUDA_KERNEL=simple|pipelined`` (read by the extension 
 ``lora_kernels._C.DEFAULT_KERNEL``). ``pipelined`` (cp.async ring + mma.sync, csrc/lora_pipe.cuh) runs for fp16/bf16
 with r <= 64 and 16-byte aligned rows, the simple kernels otherwise; ``last_path()`` says which ran and why.
 
+Plans (``ops.py``): ``fused`` (the one-launch kernels above) and ``cublas`` (lora_kernels._C_cublas: cuBLASLt GEMMs
+plus rank-r kernels, r <= 64); :func:`plans_info` says which can run here, ``ops.last_plan()`` which ran.
+
 Not supported (``supports`` says so and ``auto`` moves on): the ``lora_R`` middle matrix, fp64, ranks above 256,
 GPUs older than sm_80.
 """
@@ -17,9 +20,20 @@ from __future__ import annotations
 import torch
 
 from ..base import LoRAOpts
-from .native import _DTYPE_CODES, BUILD_HINT, MAX_RANK, _load_native, _require_native
+from . import cublas
+from .native import _DTYPE_CODES, BUILD_HINT, MAX_RANK, _load_native, _require_native, device_capability
 
-__all__ = ["BUILD_HINT", "MAX_RANK", "_DTYPE_CODES", "apply", "availability", "last_path", "supports"]
+__all__ = [
+    "BUILD_HINT",
+    "MAX_RANK",
+    "_DTYPE_CODES",
+    "apply",
+    "availability",
+    "device_capability",
+    "last_path",
+    "plans_info",
+    "supports",
+]
 
 # GPU verification record, updated by hand after a run of `pytest -m gpu tests/test_cuda_*.py` on a real GPU.
 # None = never run on a GPU: the kernels compile (sm_80, sm_90) and the CPU-side checks pass, nothing more.
@@ -30,6 +44,9 @@ VERIFIED_ON_GPU: str | None = (
     "activation dtype before the dB product); compute-sanitizer memcheck 0 errors and racecheck 0 hazards on "
     "csrc/sanitize_check.py (both policies, fp32/bf16/fp16, atomic and deterministic). Runs 1 and 3 before it"
 )
+# Plan "cublas" (lora_kernels._C_cublas): compiled for sm_80/sm_90 and checked on CPU only (module import, argument
+# validation, the no-GPU error, op registration); its GPU tests (tests/test_cuda_cublas.py) have not run yet.
+VERIFIED_ON_GPU_CUBLAS: str | None = None
 
 
 def availability() -> tuple[bool, str]:
@@ -70,21 +87,21 @@ def last_path() -> dict[str, str]:
     return dict(_require_native().last_path())
 
 
-_capabilities: dict[int, tuple[int, int]] = {}
-
-
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """``(major, minor)`` of ``device``, asked once per device (the driver call costs host time on every call)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _capabilities.get(idx)
-    if cap is None:
-        cap = _capabilities[idx] = torch.cuda.get_device_capability(idx)
-    return cap
+def plans_info() -> dict[str, dict]:
+    """``{plan: {"available": bool, "reason": str}}`` for this machine (imports the modules, no CUDA call)."""
+    ok, why = availability()
+    cu_ok, cu_why = cublas.availability()
+    return {
+        "fused": {"available": ok, "reason": why},
+        "cublas": {"available": ok and cu_ok, "reason": cu_why if ok or not cu_ok else f"{why} ({cu_why})"},
+    }
 
 
 def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
     if lora_R is not None:  # resolve() checks supports() first; this guards direct calls
         raise ValueError("the cuda backend does not implement lora_R; use backend 'torch' or 'triton'")
-    from .ops import CUDA_OP
+    from .ops import CUDA_OP, choose_plan
 
-    return CUDA_OP.apply(x, weight, bias, lora_A, lora_B, None, opts)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    plan = choose_plan(m, lora_A.shape[0], opts.dropout_p)
+    return CUDA_OP.apply(x, weight, bias, lora_A, lora_B, None, opts, plan)

@@ -1,4 +1,6 @@
-"""Loading the native module ``lora_kernels._C`` (once, never initialising CUDA), and its constants."""
+"""Loading the native module ``lora_kernels._C`` (plan ``fused``; once, never initialising CUDA), its constants,
+and the facts every CUDA plan reads once (the device capability). Imported by the backend's hooks and by the
+plans; imports neither (it breaks the backend <-> ops cycle)."""
 
 from __future__ import annotations
 
@@ -35,3 +37,15 @@ def _require_native():
     if mod is None:
         raise BackendUnavailableError(f"lora_kernels._C not built ({err}): {BUILD_HINT}")
     return mod
+
+
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` of ``device``, asked once per device (the driver call costs host time on every call)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capabilities.get(idx)
+    if cap is None:
+        cap = _capabilities[idx] = torch.cuda.get_device_capability(idx)
+    return cap

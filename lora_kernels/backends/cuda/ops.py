@@ -1,103 +1,129 @@
-"""The CUDA backend's op: ``lora_kernels._C`` behind the shared op contract (lora_kernels.backends.opdef).
+"""The CUDA backend's op: its plans behind the shared op contract (lora_kernels.backends.opdef).
 
     lora_kernels::cuda_lora_fwd / cuda_lora_bwd   (schema, fake and autograd from opdef)
 
-Plan ``fused`` (the only one so far): forward one launch writes ``y`` and ``xa = dropout(x) Aᵀ`` (fp32, saved
-for backward); backward one launch for ``dx, dA, dB, db`` (fp32 atomics), two without atomics when
-deterministic (bit-reproducible). The dropout mask is regenerated in the backward kernel from ``(seed, offset)``,
-never stored. The kernels write dA/dB in the adapter dtype and db in the activation dtype; fp32 adapters write
-straight into the contract's flat fp32 buffer, other dtypes go through a copy of r·K + N·r elements.
+=========  =====================================================  ===========================================
+plan       forward                                                backward
+=========  =====================================================  ===========================================
+fused      1 launch (lora_kernels._C, csrc/lora_fwd.cu)           1 launch, 2 deterministic (csrc/lora_bwd.cu)
+cublas     XA kernel, cuBLASLt Y = X Wᵀ, Y += b + s·XA Bᵀ          GB, cuBLASLt dX = G W, dX += LoRA term + dA, dB/db,
+           (lora_kernels._C_cublas, csrc/cublas_plan.cu)          reduce (no atomics: always bit-reproducible)
+=========  =====================================================  ===========================================
+
+Which plan runs: :func:`set_plan` (``"auto"``, ``"fused"``, ``"cublas"``; ``None`` = environment / default), else
+``LORA_KERNELS_CUDA_PLAN`` (read once, at the first call), else ``auto``. ``auto`` is :func:`auto_plan`: plan
+``fused`` until a GPU run measures ``cublas`` (``AUTO_CUBLAS_MIN_M``, csrc/README.md "NOTES"), and ``fused`` for
+what ``cublas`` cannot run (r > 64, the module not built); :func:`last_plan` says which plan the last call took
+and why. The backend resolves the plan (it sees the rank) before calling the op; the backward runs the plan its
+forward ran.
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import os
 
-from .. import mask
-from ..opdef import define_lora_op, grad_layout
-from .native import _DTYPE_CODES, _require_native
+from ..base import BackendUnavailableError
+from ..opdef import define_lora_op
+from . import cublas, fused
 
-PLANS = ("fused",)
+PLANS = {"fused": fused, "cublas": cublas}
+PLAN_NAMES = ("auto", *PLANS)
+PLAN_ENV = "LORA_KERNELS_CUDA_PLAN"
+# auto takes plan cublas from this many rows once a GPU run has measured it faster (None: never, until then)
+AUTO_CUBLAS_MIN_M: int | None = None
 
-
-def _dropout_args(p: float, seed: int, offset: int) -> dict:
-    if p > 0:
-        return dict(dropout=True, seed=seed, offset=offset, threshold=mask.keep_threshold(p), inv_keep=1.0 / (1.0 - p))
-    return dict(dropout=False, seed=0, offset=0, threshold=0, inv_keep=1.0)
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+_plan: str | None = None  # set_plan()
+_env_plan: str | None = None  # LORA_KERNELS_CUDA_PLAN, read once
+_last = {"plan": "none", "reason": "no call yet"}
 
 
-def _stream(dev: torch.device) -> int:
-    return torch.cuda.current_stream(dev).cuda_stream
+def _read_env() -> str:
+    global _env_plan
+    if _env_plan is None:
+        env = os.environ.get(PLAN_ENV, "auto") or "auto"
+        if env not in PLAN_NAMES:
+            raise ValueError(f"environment variable {PLAN_ENV} must be one of {PLAN_NAMES}, got {env!r}")
+        _env_plan = env
+    return _env_plan
+
+
+def set_plan(plan: str | None) -> None:
+    """``"auto"``, ``"fused"`` or ``"cublas"`` for every later call of this process; ``None``: back to
+    ``LORA_KERNELS_CUDA_PLAN`` / ``auto``."""
+    global _plan
+    if plan is not None and plan not in PLAN_NAMES:
+        raise ValueError(f"cuda plan must be one of {PLAN_NAMES}, got {plan!r}")
+    _plan = plan
+
+
+def get_plan() -> str:
+    return _plan if _plan is not None else _read_env()
+
+
+@contextlib.contextmanager
+def plan(name: str | None):
+    """``with plan("cublas"): ...``: :func:`set_plan` for the block, the previous choice after."""
+    global _plan
+    saved = _plan
+    set_plan(name)
+    try:
+        yield
+    finally:
+        _plan = saved
+
+
+def auto_plan(m: int, r: int | None = None) -> tuple[str, str]:
+    """``(plan, reason)`` ``auto`` runs for ``m`` rows of rank ``r`` (None: unknown, e.g. a direct op call)."""
+    if AUTO_CUBLAS_MIN_M is None:
+        return "fused", "auto: plan 'cublas' not yet measured on a GPU (ops.AUTO_CUBLAS_MIN_M is None)"
+    if m < AUTO_CUBLAS_MIN_M:
+        return "fused", f"auto: {m} rows < AUTO_CUBLAS_MIN_M = {AUTO_CUBLAS_MIN_M}"
+    if r is None:
+        return "fused", "auto: rank unknown"
+    ok, why = cublas.supports(r)
+    return ("cublas", "auto: " + why) if ok else ("fused", "auto: " + why)
+
+
+def choose_plan(m: int, r: int, dropout_p: float) -> str:
+    """The plan for one call of ``m`` rows and rank ``r``; raises BackendUnavailableError when the requested plan
+    cannot run it (an explicit plan never falls back silently). Recorded for :func:`last_plan`."""
+    requested = get_plan()
+    if requested == "auto":
+        name, why = auto_plan(m, r)
+    elif requested == "cublas":
+        ok, why = cublas.supports(r)
+        if not ok:
+            raise BackendUnavailableError(f"cuda plan 'cublas' (requested) cannot run this call: {why}")
+        name = "cublas"
+    else:
+        name, why = requested, "requested"
+    _last["plan"], _last["reason"] = name, why
+    return name
+
+
+def last_plan() -> dict[str, str]:
+    """``{"plan": ..., "reason": ...}`` of the last call resolved by :func:`choose_plan`."""
+    return dict(_last)
 
 
 class CudaKernels:
-    """opdef.Kernels for the CUDA C++ kernels."""
+    """opdef.Kernels for the CUDA plans."""
 
     def resolve_plan(self, plan: str, m: int, dropout_p: float) -> str:
         if plan == "auto":
-            return "fused"
+            return auto_plan(m)[0]
         if plan not in PLANS:
-            raise ValueError(f"cuda plan must be one of {('auto', *PLANS)}, got {plan!r}")
+            raise ValueError(f"cuda plan must be one of {PLAN_NAMES}, got {plan!r}")
         return plan
 
     def forward(self, x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset, plan):
-        C = _require_native()
-        k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-        x2 = x.reshape(-1, k)  # a view whenever the leading dims flatten; strides go to the kernel
-        m = x2.shape[0]
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        xa = torch.empty(m, r, dtype=torch.float32, device=x.device)
-        weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-        C.lora_fwd(
-            x=_ptr(x2), stride_x_m=x2.stride(0), stride_x_k=x2.stride(1), weight=_ptr(weight),
-            bias=_ptr(bias.contiguous() if bias is not None else None), lora_a=_ptr(lora_A), lora_b=_ptr(lora_B),
-            y=_ptr(y), xa=_ptr(xa), M=m, N=n, K=k, r=r, act_dtype=_DTYPE_CODES[x.dtype],
-            adapter_dtype=_DTYPE_CODES[lora_A.dtype], scale=scale, **_dropout_args(dropout_p, seed, offset),
-            device=x.device.index, stream=_stream(x.device),
-        )  # fmt: skip
-        return y.view(*x.shape[:-1], n), xa
+        return PLANS[plan].forward(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p, seed, offset)
 
     def backward(self, g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset, need_dx, need_da,
                  need_db, need_dbias, need_dr, deterministic, plan):  # fmt: skip
-        C = _require_native()
-        k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-        x2 = x.reshape(-1, k)
-        m, dev = x2.shape[0], x.device
-        off_da, off_db, off_dbias, _, length = grad_layout(r, k, n, need_da, need_db, need_dbias, False)
-        flat = torch.zeros(length, dtype=torch.float32, device=dev)
-        dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=dev)
-        if m == 0:
-            return dx, flat
-        g2 = g.reshape(-1, n)  # may be strided (even stride 0 for an expanded grad): the kernel takes strides
-        if g2.dtype != x.dtype:
-            g2 = g2.to(x.dtype)
-        weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-        fp32 = lora_A.dtype == torch.float32
-        # the kernel writes dA and dB together: into the flat buffer when fp32, else into scratch in their dtype
-        d_a = flat[off_da : off_da + r * k] if fp32 and need_da else torch.empty_like(lora_A)
-        d_b = flat[off_db : off_db + n * r] if fp32 and need_db else torch.empty_like(lora_B)
-        d_bias = torch.empty(n, dtype=x.dtype, device=dev) if need_dbias else None
-        ws_bytes = C.bwd_workspace_bytes(m, n, k, r, deterministic)
-        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
-        C.lora_bwd(
-            grad_y=_ptr(g2), stride_g_m=g2.stride(0), stride_g_n=g2.stride(1), x=_ptr(x2), stride_x_m=x2.stride(0),
-            stride_x_k=x2.stride(1), weight=_ptr(weight), lora_a=_ptr(lora_A), lora_b=_ptr(lora_B), xa=_ptr(xa),
-            grad_x=_ptr(dx) if need_dx else 0, grad_a=_ptr(d_a), grad_b=_ptr(d_b), grad_bias=_ptr(d_bias),
-            workspace=_ptr(ws), workspace_bytes=ws_bytes, M=m, N=n, K=k, r=r, act_dtype=_DTYPE_CODES[x.dtype],
-            adapter_dtype=_DTYPE_CODES[lora_A.dtype], scale=scale, **_dropout_args(dropout_p, seed, offset),
-            deterministic=deterministic, device=dev.index, stream=_stream(dev),
-        )  # fmt: skip
-        if need_da and not fp32:
-            flat[off_da : off_da + r * k].copy_(d_a.view(-1))
-        if need_db and not fp32:
-            flat[off_db : off_db + n * r].copy_(d_b.view(-1))
-        if need_dbias:
-            flat[off_dbias : off_dbias + n].copy_(d_bias)
-        return dx, flat
+        return PLANS[plan].backward(g, x, weight, lora_A, lora_B, lora_R, xa, scale, dropout_p, seed, offset,
+                                    need_dx, need_da, need_db, need_dbias, need_dr, deterministic)  # fmt: skip
 
 
 CUDA_OP = define_lora_op("cuda", CudaKernels())

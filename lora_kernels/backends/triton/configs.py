@@ -223,10 +223,7 @@ def autotuning() -> bool:
 
 def m_bucket(m: int) -> int:
     """Powers of two up to 8192: configs change with the number of row-tiles, not with every M."""
-    b = 16
-    while b < m and b < 8192:
-        b *= 2
-    return b
+    return 16 if m <= 16 else 8192 if m >= 8192 else 1 << (m - 1).bit_length()
 
 
 def candidates(
