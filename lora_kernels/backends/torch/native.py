@@ -9,6 +9,7 @@ logger (:func:`status` returns the same reason).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -30,8 +31,8 @@ def _load():
     if os.environ.get(DISABLE_ENV) == "1":
         _reason = f"disabled by {DISABLE_ENV}=1"
         return None
-    try:
-        from lora_kernels import _cpu
+    try:  # by name: the native module is no lora_kernels Python module (and importing the package here is a cycle)
+        _cpu = importlib.import_module("lora_kernels._cpu")
     except ImportError as e:
         _reason = f"lora_kernels._cpu not built ({e}); {_BUILD_HINT}"
         return None
