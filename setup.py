@@ -1,16 +1,22 @@
-"""Build script: pure-Python package, plus the optional CUDA extension (lora_kernels._C) when nvcc is found.
+"""Build script: pure-Python package, plus two optional native modules, each a torch-free pybind11 module built by CMake:
 
-The native build never breaks install: no nvcc, or LORA_KERNELS_SKIP_CUDA=1, prints one line and installs the
-Python package alone (so `pip install -e .` stays fast). Otherwise CMake (CMakeLists.txt) builds the torch-free
-pybind11 module with nvcc, Ninja and a static cudart. Environment:
+* ``lora_kernels._cpu`` (csrc/cpu/): the torch backend's fused CPU dropout pass, built whenever a C++ compiler is
+  found (seconds). A failed or skipped build prints one line; at run time the torch backend then hashes the mask
+  with torch ops and logs why (``lora_kernels.backends.torch.native.status()``).
+* ``lora_kernels._C`` (CMakeLists.txt): the CUDA kernels, built when nvcc is found (nvcc, Ninja, a static cudart).
 
-    LORA_KERNELS_SKIP_CUDA=1           skip the extension
+The native builds never break install: no nvcc, or LORA_KERNELS_SKIP_CUDA=1, prints one line and installs without
+``_C`` (so `pip install -e .` stays fast). Environment:
+
+    LORA_KERNELS_SKIP_CPU=1            skip lora_kernels._cpu
+    LORA_KERNELS_SKIP_CUDA=1           skip lora_kernels._C
     LORA_KERNELS_CUDA_ARCHS="80;90"    CMAKE_CUDA_ARCHITECTURES (default "80;90"; e.g. "90" on an H100/H200 only)
     LORA_KERNELS_SKIP_CUBLAS=1         build _C only, not _C_cublas (plan "cublas": needs cuBLASLt headers + library)
     LORA_KERNELS_CUBLAS_ROOT=DIR       where include/cublasLt.h and lib/libcublasLt.so.* are (default: the installed
                                        `nvidia-cublas` wheel, nvidia/cu13 or nvidia/cublas, then the CUDA toolkit)
     LORA_KERNELS_BUILD_JOBS=N          parallel compile jobs (default: CPU count)
     CUDACXX / CUDA_HOME                which nvcc to use
+    CXX                                which C++ compiler builds lora_kernels._cpu (default: c++, g++, clang++)
 
 One command builds it in place (what CI and the GPU check run; see csrc/README.md)::
 
@@ -40,6 +46,14 @@ def _find_nvcc() -> str | None:
     for c in candidates:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
+    return None
+
+
+def _find_cxx() -> str | None:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        found = shutil.which(c) if c else None
+        if found:
+            return found
     return None
 
 
@@ -94,53 +108,72 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """One CMake build makes every module (lora_kernels._C and, with cuBLASLt, lora_kernels._C_cublas); each is
-    declared as an extension so that setuptools copies it (``--inplace``) or packages it (wheels)."""
+    """Two CMake builds: csrc/cpu makes lora_kernels._cpu; the top-level CMakeLists.txt makes every CUDA module
+    (lora_kernels._C and, with cuBLASLt, lora_kernels._C_cublas) in one go. Each module is declared as an extension
+    so that setuptools copies it (``--inplace``) or packages it (wheels)."""
 
-    _built = False
+    _cuda_built = False
 
     def build_extension(self, ext: Extension) -> None:
-        if CMakeBuild._built:
-            return
-        CMakeBuild._built = True
+        cpu = ext.name == "lora_kernels._cpu"
+        if not cpu:
+            if CMakeBuild._cuda_built:
+                return
+            CMakeBuild._cuda_built = True
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir = Path(self.build_temp).resolve() / ("cmake-cpu" if cpu else "cmake")
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake, gen = _cmake_and_generator()
-        archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", "80;90")
         cfg = [
             cmake,
             "-S",
-            str(ROOT),
+            str(ROOT / "csrc" / "cpu" if cpu else ROOT),
             "-B",
             str(build_dir),
             *gen,
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_CUDA_COMPILER={_find_nvcc()}",
-            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DLORA_KERNELS_OUTPUT_DIR={out_dir}",
         ]
-        if _CUBLAS_ROOT is None:
-            cfg.append("-DLORA_KERNELS_WITH_CUBLAS=OFF")
+        if cpu:
+            cfg.append(f"-DCMAKE_CXX_COMPILER={_find_cxx()}")
         else:
-            cfg.append(f"-DLORA_KERNELS_CUBLAS_ROOT={_CUBLAS_ROOT}")
+            archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", "80;90")
+            cfg += [f"-DCMAKE_CUDA_COMPILER={_find_nvcc()}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+            if _CUBLAS_ROOT is None:
+                cfg.append("-DLORA_KERNELS_WITH_CUBLAS=OFF")
+            else:
+                cfg.append(f"-DLORA_KERNELS_CUBLAS_ROOT={_CUBLAS_ROOT}")
         jobs = os.environ.get("LORA_KERNELS_BUILD_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(cfg, check=True)
-        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        try:
+            subprocess.run(cfg, check=True)
+            subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            if not cpu:
+                raise
+            # the CPU pass is an optimisation with a torch fallback: a failed build must not fail the install
+            print(f"lora_kernels: building lora_kernels._cpu failed ({e}); the torch backend's CPU dropout will run "
+                  "on torch ops and say so at run time")  # fmt: skip
 
 
 def _ext_modules() -> list[Extension]:
+    exts = []
+    if os.environ.get("LORA_KERNELS_SKIP_CPU") == "1":
+        print("lora_kernels: LORA_KERNELS_SKIP_CPU=1, installing without lora_kernels._cpu (CPU dropout on torch ops)")
+    elif _find_cxx() is None:
+        print("lora_kernels: no C++ compiler found, installing without lora_kernels._cpu (CPU dropout on torch ops)")
+    else:
+        exts.append(CMakeExtension("lora_kernels._cpu"))
     if os.environ.get("LORA_KERNELS_SKIP_CUDA") == "1":
-        print("lora_kernels: LORA_KERNELS_SKIP_CUDA=1, installing the pure-Python package (no lora_kernels._C)")
-        return []
+        print("lora_kernels: LORA_KERNELS_SKIP_CUDA=1, installing without lora_kernels._C")
+        return exts
     if _find_nvcc() is None:
-        print("lora_kernels: nvcc not found, installing the pure-Python package (no lora_kernels._C)")
-        return []
-    exts = [CMakeExtension("lora_kernels._C")]
+        print("lora_kernels: nvcc not found, installing without lora_kernels._C")
+        return exts
+    exts.append(CMakeExtension("lora_kernels._C"))
     if _CUBLAS_ROOT is not None:
         exts.append(CMakeExtension("lora_kernels._C_cublas"))
     elif os.environ.get("LORA_KERNELS_SKIP_CUBLAS") == "1":

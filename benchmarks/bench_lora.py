@@ -1,6 +1,7 @@
 """LoRA linear benchmark: every available provider, side by side, one CSV row per measurement.
 
     python -m benchmarks.bench_lora --preset cpu-headline     # issue 2's closing figure (fwd+bwd, M=2048, 4096², r=16)
+    python -m benchmarks.bench_lora --preset cpu-peft         # issue 15: layer / torch vs PEFT at 3 shapes, p 0 and 0.1
     python -m benchmarks.bench_lora --preset cpu-broad        # minutes: time vs M on two Llama shapes
     python -m benchmarks.bench_lora --preset gpu-headline     # the device-check subset (M=16 and 8192, 4096², bf16)
     python -m benchmarks.bench_lora --preset dry-run          # the gpu-headline flow at tiny sizes on CPU
@@ -28,11 +29,13 @@ import csv
 import dataclasses
 import datetime as _dt
 import gc
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -40,6 +43,8 @@ import torch
 
 from . import providers as P
 from . import report
+from .crosscheck import Checker
+from .presets import MODES, PRESETS
 from .timing import CpuJob, Stats, bench_cpu_interleaved, bench_gpu
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,39 +57,6 @@ COLUMNS = [
     "device", "threads", "loadavg", "torch_version", "triton_version", "peft_version", "git_commit",
     "preset", "run_id", "timestamp",
 ]  # fmt: skip
-
-MODES = ("fwd", "bwd", "fwd+bwd", "memory")
-CHECK_SEED = 1234  # fixed dropout seed for the cross-check of our backends
-
-LLAMA8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
-LLAMA70B = [(8192, 28672)]
-
-PRESETS = {
-    "cpu-headline": dict(
-        device="cpu", M=[2048], shapes=[(4096, 4096)], r=[16], dtype=["fp32"], dropout=[0.0],
-        modes=["fwd+bwd", "memory"], min_rounds=11, max_rounds=25, target_s=150.0,
-        csv="cpu_headline.csv", md="cpu_headline.md", plot=None,
-    ),
-    "cpu-broad": dict(
-        device="cpu", M=[1, 16, 128, 512], shapes=[(4096, 4096), (4096, 1024)], r=[16], dtype=["fp32"],
-        dropout=[0.0, 0.1], modes=list(MODES), min_rounds=3, max_rounds=15, target_s=4.0,
-        csv="cpu.csv", md="cpu_table.md", plot="cpu_fwdbwd.png",
-    ),
-    "gpu-headline": dict(
-        device="cuda", M=[16, 8192], shapes=[(4096, 4096)], r=[16], dtype=["bf16"], dropout=[0.0, 0.1],
-        modes=list(MODES), csv="gpu_headline.csv", md="gpu_headline.md", plot="gpu_headline_fwdbwd.png",
-    ),
-    "gpu-full": dict(
-        device="cuda", M=[1, 16, 128, 2048, 8192, 16384], shapes=LLAMA8B + LLAMA70B, r=[8, 16, 64],
-        dtype=["bf16", "fp16"], dropout=[0.0, 0.1], modes=list(MODES),
-        csv="gpu_full.csv", md="gpu_full.md", plot="gpu_full_fwdbwd.png",
-    ),
-    "dry-run": dict(
-        device="cpu", M=[16, 33], shapes=[(64, 48)], r=[8], dtype=["bf16"], dropout=[0.0, 0.1],
-        modes=list(MODES), min_rounds=2, max_rounds=2, target_s=0.0, allow_interpreter=True,
-        csv="dry_run.csv", md="dry_run.md", plot="dry_run_fwdbwd.png",
-    ),
-}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,67 +152,6 @@ def peak_bytes_gpu(built: P.Built, inp: P.Inputs) -> int:
     return peak
 
 
-def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if torch.isnan(out).any() or torch.isinf(out).any():
-        return float("nan")
-    return (out.double() - ref.double()).abs().max().item()
-
-
-class Checker:
-    """Reference outputs per dropout p for one case, and the derived tolerance."""
-
-    def __init__(self, case: P.Case, inp: P.Inputs):
-        from lora_kernels import lora_linear, lora_linear_reference
-
-        self.case, self.inp = case, inp
-        rd = torch.float64 if case.dtype in ("fp32", "fp64") else torch.float32
-        self.refs: dict[float, tuple[torch.Tensor, float]] = {}
-        ps = {0.0, case.dropout}
-        with torch.no_grad():
-            for p in ps:
-                ref = lora_linear(
-                    inp.x.to(rd), inp.weight.to(rd), None, inp.lora_A.to(rd), inp.lora_B.to(rd), inp.scale, p,
-                    seed=CHECK_SEED, backend="torch",
-                )  # fmt: skip
-                eager = lora_linear_reference(
-                    inp.x, inp.weight, None, inp.lora_A, inp.lora_B, inp.scale, p, seed=CHECK_SEED
-                )
-                eps = torch.finfo(case.torch_dtype).eps
-                # 2 x the eager composition's own error in this dtype, plus half an ulp at the largest output.
-                tol = 2.0 * _max_err(eager, ref) + 0.5 * eps * ref.abs().max().item()
-                self.refs[p] = (ref, tol)
-
-    def check(
-        self, name: str, builder, own_rng: bool, has_lora: bool, activate=None
-    ) -> tuple[float | None, float | None, str]:
-        if not has_lora:
-            return None, None, "n/a"
-        case, inp = self.case, self.inp
-        p = 0.0 if own_rng else case.dropout
-        ref, tol = self.refs[p]
-        with torch.no_grad():
-            if own_rng:
-                built = builder(inp, dataclasses.replace(case, dropout=0.0))
-                out = built.forward(inp.x)
-            else:
-                out = _seeded_forward(name, case, inp, activate)
-        err = _max_err(out, ref)
-        ok = err == err and err <= tol  # NaN fails
-        status = ("ok" if ok else "MISMATCH") + (" (p=0)" if own_rng and case.dropout > 0 else "")
-        return err, tol, status
-
-
-def _seeded_forward(name: str, case: P.Case, inp: P.Inputs, activate=None) -> torch.Tensor:
-    from lora_kernels import lora_linear
-
-    if activate is not None:
-        activate()
-    return lora_linear(
-        inp.x, inp.weight, None, inp.lora_A, inp.lora_B, inp.scale, case.dropout, True, seed=CHECK_SEED,
-        backend=name.split("-", 1)[0],
-    )  # fmt: skip
-
-
 @dataclasses.dataclass
 class Settings:
     device: str
@@ -252,6 +163,7 @@ class Settings:
     target_s: float = 10.0
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
+    min_sample_ms: float = 0.0  # CPU: repeat a call within one sample until the sample lasts this long
 
 
 def _timed_fns(built: P.Built, inp: P.Inputs, mode: str):
@@ -266,6 +178,35 @@ def _timed_fns(built: P.Built, inp: P.Inputs, mode: str):
     if act is None:
         return (lambda: y.backward(dy, retain_graph=True)), grads, y
     return (lambda: (act(), y.backward(dy, retain_graph=True))), grads, y
+
+
+def _bench_cpu(timed: dict, s: Settings) -> dict[str, Stats]:
+    """Interleaved CPU rounds; with ``min_sample_ms`` every provider's sample repeats its call the same ``n`` times
+    (grads reset before each call, as a training step would) and the statistics are per call."""
+    n = 1
+    if s.min_sample_ms > 0:
+        fastest = min(_seconds(_repeated(fn, grads, 1)) for fn, grads, _keep in timed.values() for _ in range(3))
+        n = max(1, math.ceil(s.min_sample_ms / max(fastest * 1e3, 1e-6)))
+    jobs = {name: CpuJob(_repeated(fn, grads, n), grads) for name, (fn, grads, _keep) in timed.items()}
+    res = bench_cpu_interleaved(jobs, min_rounds=s.min_rounds, max_rounds=s.max_rounds, target_s=s.target_s)
+    per_call = {k: Stats(v.median_ms / n, v.p20_ms / n, v.p80_ms / n, v.n, tuple(t / n for t in v.samples)) for k, v in res.items()}  # fmt: skip
+    return res if n == 1 else per_call
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _repeated(fn, grads, n: int):
+    def run():
+        for _ in range(n):
+            for t in grads:
+                t.grad = None
+            fn()
+
+    return run
 
 
 def _on_gpu(case: P.Case) -> bool:
@@ -343,8 +284,7 @@ def run_case(case: P.Case, s: Settings, log) -> tuple[list[dict], list[str]]:
                     fail(f"{name} {mode}", e)
         elif timed:
             try:
-                jobs = {name: CpuJob(fn, grads) for name, (fn, grads, _keep) in timed.items()}
-                res = bench_cpu_interleaved(jobs, min_rounds=s.min_rounds, max_rounds=s.max_rounds, target_s=s.target_s)
+                res = _bench_cpu(timed, s)
                 rows.extend(row(name, mode, res[name]) for name in timed)
             except Exception as e:
                 fail(f"mode {mode}", e)
@@ -418,11 +358,21 @@ def _shape(s: str) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _shapes(a, pre) -> list[tuple[int, int, int, int]]:
+    """``(M, K, N, r)`` of every case: the preset's explicit ``cases``, or M x shapes x r (options override)."""
+    if "cases" in pre and not (a.M or a.shapes or a.r):
+        return list(pre["cases"])
+    ms, shapes = a.M or pre.get("M") or sorted({c[0] for c in pre["cases"]}), a.shapes or pre.get("shapes")
+    shapes = shapes or sorted({c[1:3] for c in pre["cases"]})
+    ranks = a.r or pre.get("r") or sorted({c[3] for c in pre["cases"]})
+    return [(m, k, n, r) for (k, n) in shapes for r in ranks for m in ms]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-headline")
     ap.add_argument("--device", help="cpu | cuda (default: the preset's)")
-    ap.add_argument("--providers", type=_csv_list(str), default=list(P.ALL_PROVIDERS), help="comma list")
+    ap.add_argument("--providers", type=_csv_list(str), help="comma list (default: the preset's, else all)")
     ap.add_argument("--modes", type=_csv_list(str), help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--M", type=_csv_list(int), help="tokens, comma list")
     ap.add_argument("--shapes", type=_csv_list(_shape), help="KxN comma list, e.g. 4096x4096,4096x1024")
@@ -434,7 +384,7 @@ def parse_args(argv=None):
     ap.add_argument("--md", type=Path, help="markdown table of this run (default benchmarks/results/<preset md>)")
     ap.add_argument("--plot", type=Path, help="PNG, time vs M for fwd+bwd (default per preset; 'none' to skip)")
     ap.add_argument("--allow-interpreter", action="store_true", help="run triton on CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's choice)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: the preset's, else torch's)")
     ap.add_argument("--min-rounds", type=int)
     ap.add_argument("--max-rounds", type=int)
     ap.add_argument("--target-s", type=float, help="CPU: seconds of interleaved rounds per case and mode")
@@ -454,15 +404,16 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"preset {a.preset!r} needs a CUDA device and none is available (use --device cpu)", file=sys.stderr)
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads or pre.get("threads"):
+        torch.set_num_threads(a.threads or pre["threads"])
     modes = a.modes or pre["modes"]
     bad = [m for m in modes if m not in MODES]
     if bad:
         print(f"--modes: unknown {bad}; known {MODES}", file=sys.stderr)
         return 2
     s = Settings(
-        device=device, modes=modes, providers=a.providers, allow_interpreter=allow_interp,
+        device=device, modes=modes, providers=a.providers or pre.get("providers", list(P.ALL_PROVIDERS)),
+        allow_interpreter=allow_interp, min_sample_ms=pre.get("min_sample_ms", 0.0),
         min_rounds=a.min_rounds or pre.get("min_rounds", 5), max_rounds=a.max_rounds or pre.get("max_rounds", 25),
         target_s=a.target_s if a.target_s is not None else pre.get("target_s", 10.0),
         warmup_ms=a.warmup_ms, rep_ms=a.rep_ms,
@@ -470,8 +421,8 @@ def main(argv=None) -> int:
     cases = [
         P.Case(M=m, K=k, N=n, r=r, dtype=dt, adapter_dtype="fp32" if a.adapter_dtype == "fp32" else dt, dropout=p,
                device=device)
-        for dt in (a.dtype or pre["dtype"]) for (k, n) in (a.shapes or pre["shapes"]) for r in (a.r or pre["r"])
-        for p in (a.dropout if a.dropout is not None else pre["dropout"]) for m in (a.M or pre["M"])
+        for dt in (a.dtype or pre["dtype"]) for (m, k, n, r) in _shapes(a, pre)
+        for p in (a.dropout if a.dropout is not None else pre["dropout"])
     ]  # fmt: skip
     csv_path = a.csv or RESULTS / pre["csv"]
     md_path = a.md or RESULTS / pre["md"]

@@ -4,6 +4,8 @@
     peft    PEFT's own LoRA layer (peft.tuners.lora.Linear via get_peft_model on a one-layer model)
     addmm   unfused composition as Unsloth does it: y = x Wᵀ; y.addmm_((x Aᵀ), Bᵀ, alpha=s), differentiated by
             torch autograd (no custom autograd.Function)
+    layer   lora_kernels.LoRALinear around the same weights, as a user builds it (backend auto): what the issue-15
+            comparison with PEFT's layer measures (module call, dispatch and all)
     torch / triton / cuda
             lora_kernels.lora_linear(..., backend=name); "triton-fused" / "triton-split" select one of the two
             forward plans of the Triton kernel when the Triton module offers set_forward_plan(); on a GPU
@@ -29,7 +31,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # LoRA alpha used for every case: scale = alpha / r (2.0 at r=16, the common alpha = 2r setting).
 LORA_ALPHA_PER_R = 2.0
 
-ALL_PROVIDERS = ("base", "peft", "addmm", "torch", "triton", "cuda")
+ALL_PROVIDERS = ("base", "peft", "addmm", "layer", "torch", "triton", "cuda")
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,30 @@ def build_peft(inp: Inputs, case: Case) -> Built:
     return Built("peft", layer, params, own_rng=True, excluded_storages=_storage_ptrs(inp.weight, *params))
 
 
+def build_layer(inp: Inputs, case: Case) -> Built:
+    """``LoRALinear.from_linear`` over an ``nn.Linear`` holding the same (frozen) weight, adapters copied in.
+
+    Its dropout draws a seed per call from torch's generator (like a training run), so its output is compared with
+    the reference at p=0 only (``own_rng``); the ``torch`` provider checks the same kernels with the case's p.
+    """
+    from lora_kernels.nn import LoRALinear
+
+    lin = torch.nn.Linear(case.K, case.N, bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(inp.weight, requires_grad=False)  # shares storage: no copy
+    layer = LoRALinear.from_linear(
+        lin, r=case.r, lora_alpha=LORA_ALPHA_PER_R * case.r, lora_dropout=case.dropout, init_lora_weights=False,
+        adapter_dtype=case.torch_adapter_dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(inp.lora_A)
+        layer.lora_B.weight.copy_(inp.lora_B)
+    if abs(layer.scaling - inp.scale) > 1e-12:
+        raise RuntimeError(f"LoRALinear scaling {layer.scaling} != benchmark scale {inp.scale}")
+    layer.train()
+    params = [layer.lora_A.weight, layer.lora_B.weight]
+    return Built("layer", layer, params, own_rng=True, excluded_storages=_storage_ptrs(inp.weight, *params))
+
+
 CUDA_POLICY_ENV = (
     "LORA_KERNELS_CUDA_KERNEL"  # read by the extension at every call (lora_kernels/backends/cuda/backend.py)
 )
@@ -278,6 +304,8 @@ def select(
             chosen.append((name, build_base))
         elif name == "addmm":
             chosen.append((name, build_addmm))
+        elif name == "layer":
+            chosen.append((name, build_layer))
         elif name == "peft":
             try:
                 import peft  # noqa: F401

@@ -20,6 +20,7 @@ PROVIDER_ORDER = [
     "base",
     "peft",
     "addmm",
+    "layer",
     "torch",
     "triton",
     "triton-fused",

@@ -16,6 +16,8 @@ from .backends.base import LoRAOpts
 from .backends.registry import resolve
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_VALID_SIGS: set[tuple] = set()  # tensor signatures validate() accepted
+_OPTS_NO_DROPOUT: dict[tuple, LoRAOpts] = {}  # (scale, seed, offset, deterministic) -> its options, dropout off
 
 
 def _check_tensor(name: str, t, ndim: int | None = None) -> None:
@@ -73,10 +75,40 @@ def validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B), ("lora_R", lora_R)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
+    _check_scalars(scale, dropout_p)
+
+
+def _check_scalars(scale, dropout_p) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _tensor_sig(t) -> tuple:
+    return (type(t), t.shape, t.dtype, t.device)
+
+
+def _validate_cached(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p) -> None:
+    """:func:`validate`, run in full once per tensor signature (types, shapes, dtypes, devices: all it looks at).
+
+    A training step calls every layer with the same few signatures; the checks of ``scale`` and ``dropout_p``
+    (plain values) run on every call. Anything that is not a tensor lacks the attributes and is judged in full.
+    """
+    try:
+        sig = (type(x), x.shape, x.dtype, x.device, type(weight), weight.shape, weight.dtype, weight.device,
+               type(lora_A), lora_A.shape, lora_A.dtype, lora_A.device, type(lora_B), lora_B.shape, lora_B.dtype,
+               lora_B.device, bias is None or _tensor_sig(bias), lora_R is None or _tensor_sig(lora_R))  # fmt: skip
+    except AttributeError:
+        sig = None
+    if sig is None or sig not in _VALID_SIGS:
+        validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p)
+        if sig is not None:
+            if len(_VALID_SIGS) >= 4096:
+                _VALID_SIGS.clear()
+            _VALID_SIGS.add(sig)
+        return
+    _check_scalars(scale, dropout_p)
 
 
 def _autocasting(x, weight, bias, lora_A, lora_B, lora_R) -> bool:
@@ -146,7 +178,7 @@ def lora_linear(
                 deterministic=deterministic,
                 backend=backend,
             )
-    validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p)
+    _validate_cached(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
         seed = _rng.draw_seed()
@@ -154,9 +186,19 @@ def lora_linear(
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    opts = LoRAOpts(
-        scale=float(scale), dropout_p=p, seed=int(seed or 0), offset=offset, deterministic=bool(deterministic)
-    )
+    if p > 0:  # a fresh seed per call: a new options object
+        opts = LoRAOpts(
+            scale=float(scale), dropout_p=p, seed=int(seed), offset=offset, deterministic=bool(deterministic)
+        )
+    else:  # the same few option sets every call (one per layer scale): built once
+        key = (scale, seed, offset, deterministic)
+        opts = _OPTS_NO_DROPOUT.get(key)
+        if opts is None:
+            if len(_OPTS_NO_DROPOUT) >= 1024:
+                _OPTS_NO_DROPOUT.clear()
+            opts = _OPTS_NO_DROPOUT[key] = LoRAOpts(
+                scale=float(scale), dropout_p=0.0, seed=int(seed or 0), offset=offset, deterministic=bool(deterministic)
+            )
     args = (x, weight, bias, lora_A, lora_B, lora_R, opts)
     return resolve(args, backend).apply(*args)
 

@@ -153,7 +153,8 @@ def test_registry_imports_no_backend():
 @pytest.mark.parametrize("name", ["lora_kernels", "lora_kernels.nn", "lora_kernels.adapters", "lora_kernels.models"])
 def test_lean_import(name):
     code = (
-        f"import sys, {name}; heavy = [m for m in ('triton', 'transformers', 'peft', 'bitsandbytes', 'lora_kernels._C') "
+        f"import sys, {name}; heavy = [m for m in ('triton', 'transformers', 'peft', 'bitsandbytes', 'lora_kernels._C', "
+        "'lora_kernels._cpu') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

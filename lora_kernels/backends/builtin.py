@@ -26,7 +26,11 @@ def _torch_supports(*args):
 
 
 def _torch_available() -> tuple[bool, str]:
-    return True, "pure PyTorch; runs on every device"
+    from .torch import native  # imports torch only; the native module itself is looked up once, here or on first use
+
+    ok, why = native.status()
+    cpu_dropout = f"fused native pass, {why}" if ok else f"torch ops ({why})"
+    return True, f"pure PyTorch; runs on every device; CPU dropout: {cpu_dropout}"
 
 
 def _triton_apply(*args):

@@ -25,6 +25,8 @@ exactly the same bits, which is what the tests need. Quality: lowbias32 has a me
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 M32 = 0xFFFFFFFF
@@ -116,6 +118,65 @@ def dropout_keep_mask(seed: int, offset: int, m: int, k: int, p: float, device=N
     return out.view(m, k)
 
 
+def _s32(v: int) -> int:
+    """The uint32 ``v`` as the int32 with the same bits (torch has no shifts or compares for uint32)."""
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+_S16 = 0xFFFF
+_INT32_MIN = -(1 << 31)
+_iota_cache: dict[torch.device, torch.Tensor] = {}
+
+
+def _iota32(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` in int32, cached per device (grown on demand): the counters' low-word increments."""
+    if torch.compiler.is_compiling():  # no tensor from inside a traced graph may land in the cache
+        return torch.arange(n, dtype=torch.int32, device=device)
+    t = _iota_cache.get(device)
+    if t is None or t.numel() < n:
+        t = _iota_cache[device] = torch.arange(max(n, 1 << 12), dtype=torch.int32, device=device)
+    return t[:n]
+
+
+def _mix32_i32(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``mix32`` in place on int32 tensors holding uint32 bits: multiplication wraps mod 2**32 as in uint32, and
+    a logical shift is the arithmetic one with the sign-extended bits masked off."""
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(_S16))
+    x.mul_(_s32(_MIX_C1))
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=tmp).bitwise_and_(0x1FFFF))
+    x.mul_(_s32(_MIX_C2))
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(_S16))
+
+
+def keep_mask_fast(seed: int, offset: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
+    """:func:`dropout_keep_mask` computed with half as many bytes per op: the same bits (tests/test_mask_native.py).
+
+    The counter's high word is constant between wraps of its low word, so each segment hashes int32 counters
+    ``lo + j``; the unsigned compare ``h >= threshold`` is a signed compare after flipping both sign bits.
+    """
+    out = torch.empty(m * k, dtype=torch.bool, device=device)
+    key_lo, key_hi = launch_keys(seed)
+    thr = _s32(keep_threshold(p) ^ 0x80000000)
+    n = m * k
+    dev = out.device
+    chunk = min(_CHUNK_ELEMS if dev.type == "cpu" else 1 << 24, max(n, 1))
+    h_buf = torch.empty(chunk, dtype=torch.int32, device=dev)
+    t_buf = torch.empty_like(h_buf)
+    pos = 0
+    while pos < n:
+        c = offset + pos
+        lo = c & M32
+        seg = min(n - pos, chunk, (1 << 32) - lo)  # no low-word wrap inside a segment
+        h, t = h_buf[:seg], t_buf[:seg]
+        torch.add(_iota32(seg, dev), _s32(lo), out=h).bitwise_xor_(_s32(key_lo))
+        _mix32_i32(h, t)
+        h.bitwise_xor_(_s32(((c >> 32) & M32) ^ key_hi))
+        _mix32_i32(h, t)
+        torch.ge(h.bitwise_xor_(_INT32_MIN), thr, out=out[pos : pos + seg])
+        pos += seg
+    return out.view(m, k)
+
+
 def apply_dropout(
     x2d: torch.Tensor, seed: int, offset: int, p: float, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -136,4 +197,14 @@ def draw_seed(device: torch.device | None = None) -> int:
     and is restored by ``torch.utils.checkpoint`` (preserve_rng_state), so a recomputed forward draws the
     same mask.
     """
-    return int(torch.randint(0, SEED_MAX, (1,), dtype=torch.int64).item())
+    if torch.compiler.is_compiling():  # no state touched from inside a traced graph
+        return int(torch.randint(0, SEED_MAX, (1,), dtype=torch.int64).item())
+    buf = getattr(_seed_buf, "t", None)
+    if buf is None:
+        buf = _seed_buf.t = torch.empty((), dtype=torch.int64)
+    # random_ on a kept 0-dim tensor draws the same value as torch.randint(0, SEED_MAX, (1,)) from the same
+    # generator state (tests/test_mask_native.py), without allocating a tensor per call; one buffer per thread.
+    return buf.random_(0, SEED_MAX).item()
+
+
+_seed_buf = threading.local()

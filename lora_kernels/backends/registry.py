@@ -10,6 +10,14 @@ environment variable ``LORA_KERNELS_BACKEND``, else ``auto``. An explicit name t
 :class:`BackendUnavailableError` with the reason; ``auto`` walks :func:`heuristics.auto_order` for the tensors'
 device and logs (once per distinct reason) every faster backend it skipped and why, so no fast path is lost
 silently.
+
+A call's choice is remembered per call class (the requested and configured names, device, dtypes, shapes, bias and
+``R`` present, dropout on/off, deterministic) when it was decided by the built-in backends alone, so a training
+step does not pay the walk on every layer; it is forgotten whenever a backend is registered or removed or the
+global choice changes. Answers involving a backend from outside the package are never remembered (its
+``supports()`` may look at anything). The environment switches the built-ins read (``LORA_KERNELS_BACKEND``,
+``TRITON_INTERPRET``, ``LORA_KERNELS_DISABLE_CUDA_EXT``) are part of the call class; :func:`clear_resolve_cache`
+forgets everything.
 """
 
 from __future__ import annotations
@@ -33,12 +41,23 @@ _global_choice: str | None = None
 _lock = threading.Lock()
 _logged: set[str] = set()
 _registered = False
+_BUILTIN: list[Backend] = []  # the Backend objects builtin.register_all made, kept alive so their ids stay unique
+_BUILTIN_IDS: set[int] = set()  # their id()s: answers from these alone are cacheable
+_resolve_cache: dict[tuple, Backend] = {}
+_RESOLVE_CACHE_MAX = 1024  # distinct call classes remembered before the cache starts over
+_CUDA_OFF_ENV = "LORA_KERNELS_DISABLE_CUDA_EXT"  # read by the built-in cuda backend's availability
+
+
+_is_compiling_fn = None
 
 
 def _is_compiling() -> bool:
-    import torch
+    global _is_compiling_fn
+    if _is_compiling_fn is None:
+        import torch
 
-    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+        _is_compiling_fn = getattr(torch.compiler, "is_compiling", lambda: False)
+    return bool(_is_compiling_fn())
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
@@ -55,6 +74,7 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if name in _REGISTRY and not replace:
         raise ValueError(f"a backend named {name!r} is already registered (pass replace=True to replace it)")
     _REGISTRY[name] = backend
+    _resolve_cache.clear()
 
 
 def unregister_backend(name: str) -> None:
@@ -62,6 +82,12 @@ def unregister_backend(name: str) -> None:
     if name in ("torch", "triton", "cuda"):
         raise ValueError(f"the built-in backend {name!r} cannot be removed (register a replacement instead)")
     _REGISTRY.pop(name, None)
+    _resolve_cache.clear()
+
+
+def clear_resolve_cache() -> None:
+    """Forget every remembered per-call-class choice (the next call of each class walks the backends again)."""
+    _resolve_cache.clear()
 
 
 def names() -> tuple[str, ...]:
@@ -95,6 +121,7 @@ def validate_backend_name(name: str, argname: str = "backend") -> str:
 def set_backend(name: str | None) -> None:
     """Set the process-wide backend (``None`` resets to the env var / ``auto``)."""
     global _global_choice
+    _resolve_cache.clear()
     choice = None if name is None else validate_backend_name(name)
     if choice not in (None, "auto"):
         ok, why = get(choice).availability()
@@ -129,8 +156,31 @@ def auto_order(device_type: str, args: tuple) -> tuple[str, ...]:
     return heuristics.auto_order(device_type, heuristics.rows_of(x.shape), opts.dropout_p, priorities)
 
 
+def _call_class(args: tuple, requested: str | None) -> tuple:
+    x, weight, bias, lora_A, _, lora_R, opts = args
+    env = os.environ
+    return (requested, _global_choice, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), env.get(_CUDA_OFF_ENV), x.device,
+            x.dtype, x.shape, weight.shape[0], lora_A.dtype, lora_A.shape[0], bias is None, lora_R is None,
+            opts.dropout_p > 0, opts.deterministic)  # fmt: skip
+
+
 def resolve(args: tuple, requested: str | None = None) -> Backend:
     """Pick the backend for one call. ``args`` = (x, weight, bias, lora_A, lora_B, lora_R, opts)."""
+    if _is_compiling():  # traced once per graph: no cache state inside a graph
+        return _resolve(args, requested)[0]
+    key = _call_class(args, requested)
+    backend = _resolve_cache.get(key)
+    if backend is None:
+        backend, cacheable = _resolve(args, requested)
+        if cacheable:
+            if len(_resolve_cache) >= _RESOLVE_CACHE_MAX:
+                _resolve_cache.clear()
+            _resolve_cache[key] = backend
+    return backend
+
+
+def _resolve(args: tuple, requested: str | None) -> tuple[Backend, bool]:
+    """``(backend, cacheable)``: the choice, and whether only built-in backends were asked for it."""
     _ensure_registered()
     name = validate_backend_name(requested) if requested else get_backend()
     device_type = args[0].device.type
@@ -142,7 +192,7 @@ def resolve(args: tuple, requested: str | None = None) -> Backend:
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} cannot run this call: {why}")
         _log_once(logging.INFO, f"lora_kernels: using backend {name!r} on {device_type} (explicitly selected)")
-        return backend
+        return backend, id(backend) in _BUILTIN_IDS
     skipped = []
     order = auto_order(device_type, args)
     for cand in order:
@@ -157,7 +207,8 @@ def resolve(args: tuple, requested: str | None = None) -> Backend:
                     f"lora_kernels: auto skipped faster backend {skipped_name!r} on {device_type}: {skipped_why}",
                 )
             _log_once(logging.INFO, f"lora_kernels: auto selected backend {cand!r} on {device_type} (order {order})")
-            return backend
+            asked = [_REGISTRY[n] for n, _ in skipped] + [backend]
+            return backend, all(id(b) in _BUILTIN_IDS for b in asked)
         skipped.append((cand, why))
     reasons = "; ".join(f"{n}: {w}" for n, w in skipped) or f"no registered backend runs on {device_type}"
     raise BackendUnavailableError(f"no backend can run this call on {device_type}: {reasons}")
@@ -197,4 +248,7 @@ def _ensure_registered() -> None:
     from . import builtin
 
     builtin.register_all(_REGISTRY)
+    _BUILTIN.extend(_REGISTRY.values())
+    _BUILTIN_IDS.update(id(b) for b in _BUILTIN)
     _load_entry_points()
+    _resolve_cache.clear()

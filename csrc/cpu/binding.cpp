@@ -1,0 +1,261 @@
+// lora_kernels._cpu: the fused dropout pass of the torch backend on CPU (hash + select + scale, one pass), as a
+// torch-free pybind11 module like lora_kernels._C: tensors arrive as raw addresses (int) with sizes, element
+// strides and a dtype code (0 float32, 1 float16, 2 bfloat16, 3 float64). Arguments are validated here with
+// messages naming them (ValueError); the row kernels (dropout_kernels.h) assume valid input.
+//
+// Rows are split over `nthreads` OpenMP threads. Linked after torch, the module shares torch's OpenMP runtime
+// (its libgomp.so.1 is already loaded under that soname), so no second thread pool competes for the cores. The hot
+// loops are compiled for x86-64-v4 (AVX-512), -v3 (AVX2) and baseline, picked at load time (target_clones).
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "dropout_kernels.h"
+
+namespace py = pybind11;
+using namespace lora_cpu;
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LK_NO_CLONES)
+#define LK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LK_CLONE_LIST "x86-64-v4,x86-64-v3,default"
+#else
+#define LK_CLONES
+#define LK_CLONE_LIST "default"
+#endif
+
+namespace {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// Below this many elements one thread does the pass: waking the team costs more than it saves.
+constexpr int64_t kParallelMinElems = int64_t(1) << 15;
+
+struct Args {
+  const void* x;
+  int64_t sxm, sxk;
+  void* xd;  // output of the dropped x (acc dtype: fp32, or fp64 for fp64), or nullptr
+  int64_t som;
+  const void* t;  // backward: (G B) A in the activation dtype, or nullptr
+  int64_t stm;
+  void* dx;  // backward: updated in place, or nullptr
+  int64_t sdm;
+  int64_t K;
+  Hash hs;
+  double scale, alpha;
+};
+
+template <class In, class Out, bool Contig>
+LK_INLINE void bwd_dispatch(const Args& a, int64_t m0, int64_t m1) {
+  using T = typename In::T;
+  using O = typename Out::T;
+  using Op = typename In::Op;
+  const auto* x = static_cast<const T*>(a.x);
+  const auto* t = static_cast<const T*>(a.t);
+  auto* dx = static_cast<T*>(a.dx);
+  auto* xd = static_cast<O*>(a.xd);
+  const Op s = static_cast<Op>(a.scale), al = static_cast<Op>(a.alpha);
+  if (dx && xd)
+    backward_rows<In, Out, Contig, true, true>(x, a.sxm, a.sxk, xd, a.som, t, a.stm, dx, a.sdm, m0, m1, a.K, a.hs, s, al);
+  else if (dx)
+    backward_rows<In, Out, Contig, true, false>(x, a.sxm, a.sxk, xd, a.som, t, a.stm, dx, a.sdm, m0, m1, a.K, a.hs, s,
+                                                al);
+  else
+    backward_rows<In, Out, Contig, false, true>(x, a.sxm, a.sxk, xd, a.som, t, a.stm, dx, a.sdm, m0, m1, a.K, a.hs, s,
+                                                al);
+}
+
+// One cloned entry point per activation dtype: forward (t == dx == nullptr) or backward.
+#define LK_DEFINE_ROWS(NAME, IN, OUT)                                                                          \
+  LK_CLONES void NAME(const Args& a, int64_t m0, int64_t m1, bool backward) {                                 \
+    const bool contig = a.sxk == 1;                                                                           \
+    if (!backward) {                                                                                          \
+      using Op = typename IN::Op;                                                                             \
+      const auto* x = static_cast<const typename IN::T*>(a.x);                                                \
+      auto* xd = static_cast<typename OUT::T*>(a.xd);                                                         \
+      if (contig)                                                                                             \
+        forward_rows<IN, OUT, true>(x, a.sxm, a.sxk, xd, a.som, m0, m1, a.K, a.hs, static_cast<Op>(a.scale)); \
+      else                                                                                                    \
+        forward_rows<IN, OUT, false>(x, a.sxm, a.sxk, xd, a.som, m0, m1, a.K, a.hs, static_cast<Op>(a.scale)); \
+    } else if (contig) {                                                                                      \
+      bwd_dispatch<IN, OUT, true>(a, m0, m1);                                                                 \
+    } else {                                                                                                  \
+      bwd_dispatch<IN, OUT, false>(a, m0, m1);                                                                \
+    }                                                                                                         \
+  }
+
+LK_DEFINE_ROWS(rows_f32, F32, F32)
+LK_DEFINE_ROWS(rows_f16, F16, F32)
+LK_DEFINE_ROWS(rows_bf16, BF16, F32)
+LK_DEFINE_ROWS(rows_f64, F64, F64)
+
+LK_CLONES void rows_keep(uint8_t* out, int64_t m0, int64_t m1, int64_t K, const Hash& hs) {
+  keep_rows(out, m0, m1, K, hs);
+}
+
+template <class F>
+void parallel_rows(int64_t M, int64_t K, int nthreads, F&& f) {
+  int64_t nt = nthreads;
+  if (M * K < kParallelMinElems) nt = 1;
+  if (nt > M) nt = M;
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+      const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+      f(M * i / n, M * (i + 1) / n);
+    }
+    return;
+  }
+#endif
+  if (M > 0) f(0, M);
+}
+
+[[noreturn]] void bad(const char* call, const std::string& msg) {
+  throw std::invalid_argument(std::string(call) + ": " + msg);
+}
+
+int64_t elem_bytes(const char* call, int dtype) {
+  switch (dtype) {
+    case kFloat32:
+      return 4;
+    case kFloat16:
+    case kBFloat16:
+      return 2;
+    case kFloat64:
+      return 8;
+    default:
+      bad(call, "dtype must be a code 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64), got " +
+                    std::to_string(dtype));
+  }
+}
+
+void check_ptr(const char* call, const char* name, uint64_t p, int64_t bytes, bool needed) {
+  if (p == 0) {
+    if (needed) bad(call, std::string(name) + " must be a non-null address");
+    return;
+  }
+  if (p % static_cast<uint64_t>(bytes) != 0)
+    bad(call, std::string(name) + " must be aligned to its element size (" + std::to_string(bytes) + " bytes)");
+}
+
+void check_nonneg(const char* call, const char* name, int64_t v) {
+  if (v < 0) bad(call, std::string(name) + " must be >= 0, got " + std::to_string(v));
+}
+
+Hash make_hash(const char* call, uint64_t seed, uint64_t offset, uint64_t threshold) {
+  if (seed >= (uint64_t(1) << 63)) bad(call, "seed must be < 2**63, got " + std::to_string(seed));
+  if (offset >= (uint64_t(1) << 63)) bad(call, "offset must be < 2**63, got " + std::to_string(offset));
+  if (threshold > 0xFFFFFFFFull) bad(call, "threshold must fit in 32 bits, got " + std::to_string(threshold));
+  const lora::DropoutParams d = lora::make_dropout_params(true, seed, offset, static_cast<uint32_t>(threshold), 1.0);
+  return Hash{d.key_lo, d.key_hi, d.threshold, d.offset};
+}
+
+void run_rows(int dtype, const Args& a, int64_t M, int nthreads, bool backward) {
+  auto fn = dtype == kFloat32 ? rows_f32 : dtype == kFloat16 ? rows_f16 : dtype == kBFloat16 ? rows_bf16 : rows_f64;
+  parallel_rows(M, a.K, nthreads, [&](int64_t m0, int64_t m1) { fn(a, m0, m1, backward); });
+}
+
+void check_common(const char* call, int64_t M, int64_t K, int dtype, double scale, int nthreads) {
+  check_nonneg(call, "M", M);
+  check_nonneg(call, "K", K);
+  elem_bytes(call, dtype);
+  if (!(std::isfinite(scale) && scale >= 1.0)) bad(call, "scale (1 / (1 - p)) must be finite and >= 1");
+  if (nthreads < 1) bad(call, "nthreads must be >= 1, got " + std::to_string(nthreads));
+}
+
+void dropout_forward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t out, int64_t som, int64_t M, int64_t K,
+                     int dtype, uint64_t seed, uint64_t offset, uint64_t threshold, double scale, int nthreads) {
+  const char* call = "lora_kernels._cpu.dropout_forward";
+  check_common(call, M, K, dtype, scale, nthreads);
+  check_nonneg(call, "stride_x_m", sxm);
+  check_nonneg(call, "stride_x_k", sxk);
+  check_nonneg(call, "stride_out_m", som);
+  const bool any = M * K > 0;
+  const int64_t acc_bytes = dtype == kFloat64 ? 8 : 4;
+  check_ptr(call, "x", x, elem_bytes(call, dtype), any);
+  check_ptr(call, "out", out, acc_bytes, any);
+  if (any && som < K) bad(call, "stride_out_m must be >= K (rows of out must not overlap)");
+  const Hash hs = make_hash(call, seed, offset, threshold);
+  if (!any) return;
+  Args a{reinterpret_cast<const void*>(x), sxm, sxk, reinterpret_cast<void*>(out), som, nullptr, 0, nullptr, 0,
+         K, hs, scale, 0.0};
+  py::gil_scoped_release nogil;
+  run_rows(dtype, a, M, nthreads, false);
+}
+
+void dropout_backward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t xd, int64_t som, uint64_t t, int64_t stm,
+                      uint64_t dx, int64_t sdm, int64_t M, int64_t K, int dtype, uint64_t seed, uint64_t offset,
+                      uint64_t threshold, double scale, double alpha, int nthreads) {
+  const char* call = "lora_kernels._cpu.dropout_backward";
+  check_common(call, M, K, dtype, scale, nthreads);
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"stride_x_m", sxm}, {"stride_x_k", sxk},
+                         {"stride_xd_m", som}, {"stride_t_m", stm}, {"stride_dx_m", sdm}})
+    check_nonneg(call, name, v);
+  if (!std::isfinite(alpha)) bad(call, "alpha must be finite");
+  const bool any = M * K > 0;
+  if (any && xd == 0 && dx == 0) bad(call, "at least one of xd and dx must be given (non-zero)");
+  const int64_t eb = elem_bytes(call, dtype), acc_bytes = dtype == kFloat64 ? 8 : 4;
+  check_ptr(call, "x", x, eb, any && xd != 0);
+  check_ptr(call, "xd", xd, acc_bytes, false);
+  check_ptr(call, "t", t, eb, any && dx != 0);
+  check_ptr(call, "dx", dx, eb, false);
+  if (any && xd != 0 && som < K) bad(call, "stride_xd_m must be >= K (rows of xd must not overlap)");
+  if (any && dx != 0 && sdm < K) bad(call, "stride_dx_m must be >= K (rows of dx must not overlap)");
+  const Hash hs = make_hash(call, seed, offset, threshold);
+  if (!any) return;
+  Args a{reinterpret_cast<const void*>(x), sxm, sxk, reinterpret_cast<void*>(xd), som,
+         reinterpret_cast<const void*>(t), stm, reinterpret_cast<void*>(dx), sdm, K, hs, scale, alpha};
+  py::gil_scoped_release nogil;
+  run_rows(dtype, a, M, nthreads, true);
+}
+
+py::bytes keep_mask(uint64_t seed, uint64_t offset, int64_t M, int64_t K, uint64_t threshold, int nthreads) {
+  const char* call = "lora_kernels._cpu.keep_mask";
+  check_nonneg(call, "M", M);
+  check_nonneg(call, "K", K);
+  if (M * K > (int64_t(1) << 30)) bad(call, "M * K must be <= 2**30 for a mask of bytes");
+  if (nthreads < 1) bad(call, "nthreads must be >= 1, got " + std::to_string(nthreads));
+  const Hash hs = make_hash(call, seed, offset, threshold);
+  std::string out(static_cast<size_t>(M * K), '\0');
+  auto* p = reinterpret_cast<uint8_t*>(out.data());
+  {
+    py::gil_scoped_release nogil;
+    parallel_rows(M, K, nthreads, [&](int64_t m0, int64_t m1) { rows_keep(p, m0, m1, K, hs); });
+  }
+  return py::bytes(out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, mod) {
+  mod.doc() = "lora_kernels CPU dropout pass (torch-free binding: raw addresses, sizes, element strides, dtype codes)";
+  mod.attr("DTYPE_CODES") =
+      py::dict(py::arg("float32") = 0, py::arg("float16") = 1, py::arg("bfloat16") = 2, py::arg("float64") = 3);
+#ifdef _OPENMP
+  mod.attr("OPENMP") = true;
+#else
+  mod.attr("OPENMP") = false;
+#endif
+  mod.attr("CLONES") = LK_CLONE_LIST;
+  mod.attr("PARALLEL_MIN_ELEMS") = kParallelMinElems;
+  mod.def("dropout_forward", &dropout_forward, py::arg("x"), py::arg("stride_x_m"), py::arg("stride_x_k"),
+          py::arg("out"), py::arg("stride_out_m"), py::arg("M"), py::arg("K"), py::arg("dtype"), py::arg("seed"),
+          py::arg("offset"), py::arg("threshold"), py::arg("scale"), py::arg("nthreads"),
+          "out[m, k] = x[m, k] * keep(m, k) * scale, rounded to x's dtype, stored in fp32 (fp64 for fp64 x); "
+          "out has unit inner stride.");
+  mod.def("dropout_backward", &dropout_backward, py::arg("x"), py::arg("stride_x_m"), py::arg("stride_x_k"),
+          py::arg("xd"), py::arg("stride_xd_m"), py::arg("t"), py::arg("stride_t_m"), py::arg("dx"),
+          py::arg("stride_dx_m"), py::arg("M"), py::arg("K"), py::arg("dtype"), py::arg("seed"), py::arg("offset"),
+          py::arg("threshold"), py::arg("scale"), py::arg("alpha"), py::arg("nthreads"),
+          "One mask evaluation for both backward uses: dx += alpha * (t * keep) in place (when dx != 0) and "
+          "xd = x * keep * scale as dropout_forward (when xd != 0). t, dx, xd have unit inner strides.");
+  mod.def("keep_mask", &keep_mask, py::arg("seed"), py::arg("offset"), py::arg("M"), py::arg("K"),
+          py::arg("threshold"), py::arg("nthreads") = 1, "The keep-mask alone: M*K bytes, row-major, 1 = kept.");
+}
