@@ -62,7 +62,8 @@ LK_INLINE void bwd_dispatch(const Args& a, int64_t m0, int64_t m1) {
   auto* xd = static_cast<O*>(a.xd);
   const Op s = static_cast<Op>(a.scale), al = static_cast<Op>(a.alpha);
   if (dx && xd)
-    backward_rows<In, Out, Contig, true, true>(x, a.sxm, a.sxk, xd, a.som, t, a.stm, dx, a.sdm, m0, m1, a.K, a.hs, s, al);
+    backward_rows<In, Out, Contig, true, true>(x, a.sxm, a.sxk, xd, a.som, t, a.stm, dx, a.sdm, m0, m1, a.K, a.hs, s,
+                                               al);
   else if (dx)
     backward_rows<In, Out, Contig, true, false>(x, a.sxm, a.sxk, xd, a.som, t, a.stm, dx, a.sdm, m0, m1, a.K, a.hs, s,
                                                 al);
@@ -73,21 +74,21 @@ LK_INLINE void bwd_dispatch(const Args& a, int64_t m0, int64_t m1) {
 
 // One cloned entry point per activation dtype: forward (t == dx == nullptr) or backward.
 #define LK_DEFINE_ROWS(NAME, IN, OUT)                                                                          \
-  LK_CLONES void NAME(const Args& a, int64_t m0, int64_t m1, bool backward) {                                 \
-    const bool contig = a.sxk == 1;                                                                           \
-    if (!backward) {                                                                                          \
-      using Op = typename IN::Op;                                                                             \
-      const auto* x = static_cast<const typename IN::T*>(a.x);                                                \
-      auto* xd = static_cast<typename OUT::T*>(a.xd);                                                         \
-      if (contig)                                                                                             \
-        forward_rows<IN, OUT, true>(x, a.sxm, a.sxk, xd, a.som, m0, m1, a.K, a.hs, static_cast<Op>(a.scale)); \
-      else                                                                                                    \
+  LK_CLONES void NAME(const Args& a, int64_t m0, int64_t m1, bool backward) {                                  \
+    const bool contig = a.sxk == 1;                                                                            \
+    if (!backward) {                                                                                           \
+      using Op = typename IN::Op;                                                                              \
+      const auto* x = static_cast<const typename IN::T*>(a.x);                                                 \
+      auto* xd = static_cast<typename OUT::T*>(a.xd);                                                          \
+      if (contig)                                                                                              \
+        forward_rows<IN, OUT, true>(x, a.sxm, a.sxk, xd, a.som, m0, m1, a.K, a.hs, static_cast<Op>(a.scale));  \
+      else                                                                                                     \
         forward_rows<IN, OUT, false>(x, a.sxm, a.sxk, xd, a.som, m0, m1, a.K, a.hs, static_cast<Op>(a.scale)); \
-    } else if (contig) {                                                                                      \
-      bwd_dispatch<IN, OUT, true>(a, m0, m1);                                                                 \
-    } else {                                                                                                  \
-      bwd_dispatch<IN, OUT, false>(a, m0, m1);                                                                \
-    }                                                                                                         \
+    } else if (contig) {                                                                                       \
+      bwd_dispatch<IN, OUT, true>(a, m0, m1);                                                                  \
+    } else {                                                                                                   \
+      bwd_dispatch<IN, OUT, false>(a, m0, m1);                                                                 \
+    }                                                                                                          \
   }
 
 LK_DEFINE_ROWS(rows_f32, F32, F32)
@@ -131,8 +132,8 @@ int64_t elem_bytes(const char* call, int dtype) {
     case kFloat64:
       return 8;
     default:
-      bad(call, "dtype must be a code 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64), got " +
-                    std::to_string(dtype));
+      bad(call,
+          "dtype must be a code 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64), got " + std::to_string(dtype));
   }
 }
 
@@ -170,8 +171,8 @@ void check_common(const char* call, int64_t M, int64_t K, int dtype, double scal
   if (nthreads < 1) bad(call, "nthreads must be >= 1, got " + std::to_string(nthreads));
 }
 
-void dropout_forward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t out, int64_t som, int64_t M, int64_t K,
-                     int dtype, uint64_t seed, uint64_t offset, uint64_t threshold, double scale, int nthreads) {
+void dropout_forward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t out, int64_t som, int64_t M, int64_t K, int dtype,
+                     uint64_t seed, uint64_t offset, uint64_t threshold, double scale, int nthreads) {
   const char* call = "lora_kernels._cpu.dropout_forward";
   check_common(call, M, K, dtype, scale, nthreads);
   check_nonneg(call, "stride_x_m", sxm);
@@ -184,8 +185,19 @@ void dropout_forward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t out, int64_t
   if (any && som < K) bad(call, "stride_out_m must be >= K (rows of out must not overlap)");
   const Hash hs = make_hash(call, seed, offset, threshold);
   if (!any) return;
-  Args a{reinterpret_cast<const void*>(x), sxm, sxk, reinterpret_cast<void*>(out), som, nullptr, 0, nullptr, 0,
-         K, hs, scale, 0.0};
+  Args a{reinterpret_cast<const void*>(x),
+         sxm,
+         sxk,
+         reinterpret_cast<void*>(out),
+         som,
+         nullptr,
+         0,
+         nullptr,
+         0,
+         K,
+         hs,
+         scale,
+         0.0};
   py::gil_scoped_release nogil;
   run_rows(dtype, a, M, nthreads, false);
 }
@@ -195,8 +207,11 @@ void dropout_backward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t xd, int64_t
                       uint64_t threshold, double scale, double alpha, int nthreads) {
   const char* call = "lora_kernels._cpu.dropout_backward";
   check_common(call, M, K, dtype, scale, nthreads);
-  for (auto [name, v] : {std::pair<const char*, int64_t>{"stride_x_m", sxm}, {"stride_x_k", sxk},
-                         {"stride_xd_m", som}, {"stride_t_m", stm}, {"stride_dx_m", sdm}})
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"stride_x_m", sxm},
+                         {"stride_x_k", sxk},
+                         {"stride_xd_m", som},
+                         {"stride_t_m", stm},
+                         {"stride_dx_m", sdm}})
     check_nonneg(call, name, v);
   if (!std::isfinite(alpha)) bad(call, "alpha must be finite");
   const bool any = M * K > 0;
@@ -210,8 +225,19 @@ void dropout_backward(uint64_t x, int64_t sxm, int64_t sxk, uint64_t xd, int64_t
   if (any && dx != 0 && sdm < K) bad(call, "stride_dx_m must be >= K (rows of dx must not overlap)");
   const Hash hs = make_hash(call, seed, offset, threshold);
   if (!any) return;
-  Args a{reinterpret_cast<const void*>(x), sxm, sxk, reinterpret_cast<void*>(xd), som,
-         reinterpret_cast<const void*>(t), stm, reinterpret_cast<void*>(dx), sdm, K, hs, scale, alpha};
+  Args a{reinterpret_cast<const void*>(x),
+         sxm,
+         sxk,
+         reinterpret_cast<void*>(xd),
+         som,
+         reinterpret_cast<const void*>(t),
+         stm,
+         reinterpret_cast<void*>(dx),
+         sdm,
+         K,
+         hs,
+         scale,
+         alpha};
   py::gil_scoped_release nogil;
   run_rows(dtype, a, M, nthreads, true);
 }
@@ -256,6 +282,6 @@ PYBIND11_MODULE(_cpu, mod) {
           py::arg("threshold"), py::arg("scale"), py::arg("alpha"), py::arg("nthreads"),
           "One mask evaluation for both backward uses: dx += alpha * (t * keep) in place (when dx != 0) and "
           "xd = x * keep * scale as dropout_forward (when xd != 0). t, dx, xd have unit inner strides.");
-  mod.def("keep_mask", &keep_mask, py::arg("seed"), py::arg("offset"), py::arg("M"), py::arg("K"),
-          py::arg("threshold"), py::arg("nthreads") = 1, "The keep-mask alone: M*K bytes, row-major, 1 = kept.");
+  mod.def("keep_mask", &keep_mask, py::arg("seed"), py::arg("offset"), py::arg("M"), py::arg("K"), py::arg("threshold"),
+          py::arg("nthreads") = 1, "The keep-mask alone: M*K bytes, row-major, 1 = kept.");
 }

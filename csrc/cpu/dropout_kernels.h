@@ -63,7 +63,7 @@ struct BF16 {
   static LK_INLINE float load(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
   static LK_INLINE uint16_t store(float f) {
     const uint32_t u = f32_to_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round half to even
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                    // round half to even
     return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN -> canonical
   }
 };
@@ -74,8 +74,8 @@ struct F16 {
   static LK_INLINE float load(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    const uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);   // rebias 15 -> 127
-    const uint32_t special = sign | 0x7F800000u | (m << 13);         // inf / NaN
+    const uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);      // rebias 15 -> 127
+    const uint32_t special = sign | 0x7F800000u | (m << 13);            // inf / NaN
     const float sub = static_cast<float>(m) * 5.9604644775390625e-08f;  // m * 2^-24, exact
     const uint32_t subnormal = sign | f32_to_bits(sub);
     return bits_to_f32(e == 0x1Fu ? special : (e == 0 ? subnormal : normal));
