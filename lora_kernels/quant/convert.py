@@ -138,7 +138,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, double_quant: b
     skipped = _skipped(model, skip)
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     kept = sorted(n for n, _ in linears if n in skipped)
-    done, b4, b16 = [], 0, 0
+    done, b4, b16, seen = [], 0, 0, set()
     for name, mod in linears:
         if name in skipped:
             continue
@@ -147,7 +147,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, double_quant: b
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         done.append(name)
-        b4 += describe(new.weight).nbytes()
+        b4 += describe(new.weight).nbytes(seen)
         b16 += mod.weight.numel() * 2
     if not done:
         raise ValueError(f"quantize_model found no nn.Linear to quantize (kept in full precision: {kept})")
@@ -159,7 +159,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", *, double_quant: b
 
 def prepare_linear4bit(linear: nn.Module) -> None:
     """Check a ``Linear4bit``'s weight is usable as a LoRA base; undo bitsandbytes' CPU inference repacking (which
-    its eval-mode forward applies on AVX512-BF16 CPUs) in place, as bitsandbytes' own ``state_dict`` does."""
+    its eval-mode forward applies on AVX512-BF16 CPUs) in place, as bitsandbytes' own ``state_dict`` does. The codes
+    come back exactly; the scales as that repacking left them (rounded to bf16: bitsandbytes' loss, not ours)."""
     weight = linear.weight
     qs = getattr(weight, "quant_state", None)
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
@@ -192,11 +193,10 @@ def requantized_linear4bit(weight, bias, merged: torch.Tensor, training: bool) -
 def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """``(bytes of the 4-bit weights incl. their quant state, bytes of the same weights in bf16)`` of ``model``."""
     b4 = b16 = 0
-    seen = set()
+    seen: set = set()
     for p in model.parameters():
-        if is_params4bit(p) and id(p) not in seen:
-            seen.add(id(p))
+        if is_params4bit(p) and p.data_ptr() not in seen:
             q = describe(p)
-            b4 += q.nbytes()
+            b4 += q.nbytes(seen)
             b16 += q.shape[0] * q.shape[1] * 2
     return b4, b16

@@ -91,10 +91,16 @@ class QuantWeight4bit:
     def in_features(self) -> int:
         return self.shape[1]
 
-    def nbytes(self) -> int:
-        """Bytes held by the weight: packed codes + scales (+ the nested scales and table) + the 16-entry table."""
-        parts = (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+    def nbytes(self, seen: set | None = None) -> int:
+        """Bytes held by the weight: packed codes + scales (+ the nested scales and table) + the 16-entry table.
+        ``seen``: data pointers already counted (bitsandbytes shares the tables between layers), updated."""
+        seen = set() if seen is None else seen
+        total = 0
+        for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
 
     def __repr__(self) -> str:
         nested = f", nested (blocksize {self.nested_blocksize})" if self.nested else ""
