@@ -123,8 +123,4 @@ class _TorchLoRALinear(torch.autograd.Function):
 
 
 def apply(x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor):  # a 4-bit base (lora_kernels.quant.nf4.QuantWeight4bit): qlora.py
-        from .qlora import apply_4bit
-
-        return apply_4bit(x, weight, bias, lora_A, lora_B, lora_R, opts)
     return _TorchLoRALinear.apply(x, weight, bias, lora_A, lora_B, lora_R, opts)
