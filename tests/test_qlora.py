@@ -59,6 +59,25 @@ def test_dequantize_bit_identical_to_bitsandbytes(n, k, blocksize, quant_type, n
                 assert torch.equal(bits(nf4.dequantize_rows(q, a, b, dt)), bits(full[a:b])), (a, b)
 
 
+@pytest.mark.parametrize("n,k", [(48, 48), (5, 96), (4, 32)])
+def test_bitsandbytes_cpu_kernel_deviation(n, k):
+    """K a multiple of 16 but not of the blocksize: bitsandbytes 0.50's AVX512 CPU dequantize kernel reads the
+    wrong per-block scales (about 2x the quantization error); ours is its reference implementation's result
+    (``backends.default``: flat blocks, as its quantizer writes them) bit for bit, and closer to the weights."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=g)
+    p = bnb.nn.Params4bit(w.clone(), requires_grad=False, blocksize=64, compress_statistics=False,
+                          quant_type="nf4")._quantize("cpu")  # fmt: skip
+    ours = nf4.dequantize(p)
+    ref = _dequantize_4bit_compute(p.data.view(-1), p.quant_state.absmax, p.quant_state.code, 64, (n, k), w.dtype)
+    assert torch.equal(ours, ref)
+    kernel = bnbF.dequantize_4bit(p.data, p.quant_state)
+    if not torch.equal(kernel, ours):  # the kernel's deviation (an AVX512 machine): ours is the better fit
+        assert (ours - w).abs().mean() < (kernel - w).abs().mean()
+
+
 def test_nested_absmax_bit_identical():
     p = params4bit(130, 257, 32, "nf4", True)
     qs = p.quant_state
@@ -358,6 +377,36 @@ def test_merge_lora_matches_peft_merge_and_unload(tiny_dir, tmp_path):
         assert torch.equal(sd_o[name], sd_t[name]), name
 
 
+def test_dequantize_model_then_merge_is_the_trained_function(tiny_dir, tmp_path):
+    """The QLoRA export: dequantize (no re-quantization), fold the adapters, a plain checkpoint without bitsandbytes
+    whose logits are the 4-bit LoRA model's (only fp32 summation order differs)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    model = load_4bit(tiny_dir)
+    lora_kernels.apply_lora(model, r=4, lora_alpha=8, init_lora_weights=False, exclude_modules=["down_proj"])
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)  # 4-bit layers left without adapters
+    model.train()  # no dropout here; eval mode would switch bitsandbytes' Linear4bit to its CPU inference kernel
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        base_vals = nf4.dequantize(model.model.layers[1].self_attn.q_proj.weight)
+    changed = convert.dequantize_model(model)
+    assert len(changed) == 14 and not any(nf4.is_params4bit(p) for p in model.parameters())
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, base_vals)  # the values training saw
+    lora_kernels.merge_lora(model)
+    assert type(model.model.layers[1].self_attn.q_proj) is torch.nn.Linear
+    assert getattr(model.config, "quantization_config", None) is None and not getattr(model, "is_quantized", False)
+    model.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in back.modules())
+    with torch.no_grad():
+        got = back(input_ids=ids).logits
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    with pytest.raises(ValueError, match="found no 4-bit"):
+        convert.dequantize_model(back)
+
+
 def test_quantize_model_writes_an_ordinary_hf_4bit_checkpoint(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -390,7 +439,6 @@ def test_quantize_model_writes_an_ordinary_hf_4bit_checkpoint(tiny_dir, tmp_path
 def test_sft_base_dtype_nf4_trains_and_exports(tmp_path):
     import json
 
-    from lora_kernels.models import save_tiny_random
     from lora_kernels.training.sft.config import ConfigError, build_config
     from lora_kernels.training.sft.loop import run_sft
 
@@ -398,7 +446,19 @@ def test_sft_base_dtype_nf4_trains_and_exports(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {a} {b}", "completion": f"{a} {b}."}) + "\n"
                             for a, b in itertools.product(words, words[:4])))  # fmt: skip
-    ov = dict(model=str(save_tiny_random(tmp_path / "m", hidden=48)), dataset=str(data), output_dir=str(tmp_path),
+    from transformers import LlamaForCausalLM
+
+    from lora_kernels.models import tiny_random
+
+    # no K that is a multiple of 16 but not of the blocksize (64, 100): bitsandbytes' AVX512 CPU dequantize kernel
+    # misplaces the scales there (test_bitsandbytes_cpu_kernel_deviation), which PEFT's forward below would inherit
+    model, tok = tiny_random(hidden=64)
+    model.config.intermediate_size = 100
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(model.config).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    ov = dict(model=str(tmp_path / "m"), dataset=str(data), output_dir=str(tmp_path),
               name="q", max_len=48, batch_size=4, max_steps=8, eval_size=8, eval_every=0, save_every=0, lr=3e-2,
               warmup_steps=1, progress=False, plot=False, max_new_tokens=2, sample_prompts=["Say apple"], lora_r=4,
               lora_alpha=8.0, num_threads=1, base_dtype="nf4", merge=True, lora_dropout=0.05)  # fmt: skip
@@ -408,10 +468,26 @@ def test_sft_base_dtype_nf4_trains_and_exports(tmp_path):
         s = run_sft(build_config(overrides=ov), log=lambda *a: lines.append(" ".join(map(str, a))))
     assert any("frozen base -> nf4" in ln for ln in lines)
     assert s["eval_loss_after"] < s["eval_loss_before"] - 0.5, s
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lora_kernels.models import load_causal_lm
+
+    # merged/: full precision (dequantized base + adapters, no re-quantization); PEFT puts the adapter on the same
+    # 4-bit base (bitsandbytes' quantizer, as at load): the same loss
     merged = AutoModelForCausalLM.from_pretrained(s["outputs"]["merged"], device_map="cpu")
-    assert isinstance(merged.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert getattr(merged.config, "quantization_config", None) is None
+    base, _ = load_causal_lm(ov["model"])
+    convert.quantize_model(base, "nf4")
+    pm = PeftModel.from_pretrained(base, s["outputs"]["adapter"]).train()
+    for mod in pm.modules():  # dropout off, the Linear4bit bases in training mode (test_our_adapter_loads_into_peft)
+        if isinstance(mod, torch.nn.Dropout):
+            mod.eval()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        loss_m, loss_p = (m(input_ids=ids, labels=ids).loss.item() for m in (merged, pm))
+    assert abs(loss_m - loss_p) <= 1e-4 * abs(loss_p), (loss_m, loss_p)
     for bad, why in (({"base_dtype": "int4"}, "must be one of auto, fp32, bf16, nf4, fp4"),
                      ({"base_dtype": "nf4", "method": "full"}, "applies to the frozen base of a LoRA run"),
                      ({"base_dtype": "fp4", "distributed": "fsdp"}, "not supported with distributed fsdp")):  # fmt: skip

@@ -10,6 +10,10 @@
   checks it is quantized and restores bitsandbytes' standard layout when its CPU inference path repacked it.
 * :func:`requantized_linear4bit`: a new ``Linear4bit`` holding a merged full-precision weight re-quantized in the
   original format (PEFT's ``merge_and_unload`` on a 4-bit base), with PEFT's warning about rounding.
+* :func:`dequantize_model`: every 4-bit base back to a full-precision tensor (the values training saw,
+  bit-identical to bitsandbytes' dequantization) and the Hugging Face quantization config removed: what the
+  QLoRA recipe merges into (``merge_lora`` afterwards folds the adapters without re-quantizing; what
+  ``lora-kernels sft --merge`` exports for a 4-bit run).
 
 bitsandbytes (and transformers) are imported inside the functions only.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .nf4 import BLOCKSIZES, QUANT_TYPES, describe, is_params4bit
+from .nf4 import BLOCKSIZES, QUANT_TYPES, dequantize, describe, is_params4bit
 
 logger = logging.getLogger("lora_kernels")
 MERGE_WARNING = (
@@ -188,6 +192,59 @@ def requantized_linear4bit(weight, bias, merged: torch.Tensor, training: bool) -
     compute = getattr(getattr(weight, "module", None), "compute_dtype", None)
     return _new_linear4bit(bnb, like, merged.to(q.dequant_dtype), q.quant_type, q.nested, q.blocksize, compute,
                            getattr(weight, "quant_storage", torch.uint8))  # fmt: skip
+
+
+def _drop_hf_quantization(model: nn.Module) -> None:
+    """Undo :func:`_attach_hf_config` (or ``from_pretrained(quantization_config=...)``): a plain model again."""
+    if hasattr(model, "hf_quantizer"):
+        del model.hf_quantizer
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    for attr in ("quantization_method", "is_loaded_in_4bit"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if getattr(cfg, "_is_quantized", False):
+            cfg._is_quantized = False
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Dequantize every 4-bit weight of ``model`` in place: a ``Linear4bit`` becomes an ``nn.Linear``; a LoRA layer
+    over a 4-bit base keeps its adapters and gets the dequantized base (a frozen Parameter). ``dtype``: default the
+    dtype each weight was quantized from. The values are bitsandbytes' dequantization (no re-quantization), so
+    ``merge_lora`` afterwards gives ``dequant(W) + scaling·BA``: the function the adapters were trained on. Removes
+    the Hugging Face quantization config so ``save_pretrained`` writes a plain checkpoint. Returns the module names
+    changed (an error when there are none)."""
+    changed = []
+    for name, mod in list(model.named_modules()):
+        w = getattr(mod, "weight", None)
+        if not is_params4bit(w):
+            continue
+        prepare_linear4bit(mod)  # bitsandbytes' standard layout if its CPU inference path repacked it
+        q = describe(mod.weight, f"{name}.weight")
+        dense = nn.Parameter(dequantize(q, dtype), requires_grad=False)
+        if _is_linear4bit(mod):
+            new = nn.Linear(q.in_features, q.out_features, bias=mod.bias is not None, device="meta")
+            new.weight, new.bias = dense, mod.bias
+            new.train(mod.training)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        else:
+            mod.weight = dense
+        changed.append(name)
+    if not changed:
+        raise ValueError("dequantize_model found no 4-bit (bitsandbytes) weight in the model")
+    _drop_hf_quantization(model)
+    return changed
+
+
+def _is_linear4bit(mod: nn.Module) -> bool:
+    bnb = _require_bnb()
+    return isinstance(mod, bnb.nn.Linear4bit)
 
 
 def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
