@@ -14,6 +14,7 @@ import torch
 from .backends import mask as _rng
 from .backends.base import LoRAOpts
 from .backends.registry import resolve
+from .quant import nf4 as _nf4
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _VALID_SIGS: set[tuple] = set()  # tensor signatures validate() accepted
@@ -34,7 +35,11 @@ def validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p) -> None:
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension [..., in_features], got shape {tuple(x.shape)}")
-    _check_tensor("weight", weight, 2)
+    quantized = isinstance(weight, _nf4.QuantWeight4bit)  # a bitsandbytes 4-bit base (lora_linear describes it)
+    if quantized:
+        _nf4.check_op_weight(weight, x)
+    else:
+        _check_tensor("weight", weight, 2)
     _check_tensor("lora_A", lora_A, 2)
     _check_tensor("lora_B", lora_B, 2)
     n, k = weight.shape
@@ -55,7 +60,7 @@ def validate(x, weight, bias, lora_A, lora_B, lora_R, scale, dropout_p) -> None:
         _check_tensor("lora_R", lora_R, 2)
         if tuple(lora_R.shape) != (r, r):
             raise ValueError(f"lora_R must have shape [r={r}, r={r}], got {tuple(lora_R.shape)}")
-    if weight.dtype != x.dtype:
+    if not quantized and weight.dtype != x.dtype:
         raise TypeError(
             f"weight dtype must equal x dtype {x.dtype} (cast the base layer or the input), got {weight.dtype}"
         )
@@ -116,7 +121,7 @@ def _autocasting(x, weight, bias, lora_A, lora_B, lora_R) -> bool:
     tensor (anything else, fp64 included, goes to ``validate`` untouched and is judged there)."""
     if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return False
-    for t in (x, weight, bias, lora_A, lora_B, lora_R):
+    for t in (x, None if isinstance(weight, _nf4.QuantWeight4bit) else weight, bias, lora_A, lora_B, lora_R):
         if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES[:3]):
             return False
     return True
@@ -142,7 +147,8 @@ def lora_linear(
 
     Args:
         x: ``[..., in_features]`` activations (fp32/fp16/bf16; fp64 for gradcheck).
-        weight, bias: the base layer (``nn.Linear`` layout ``[out, in]``); frozen or trainable.
+        weight, bias: the base layer (``nn.Linear`` layout ``[out, in]``); frozen or trainable. ``weight`` may be a
+            bitsandbytes 4-bit ``Params4bit`` (NF4/FP4, frozen): it stays 4-bit (lora_kernels.quant.nf4).
         lora_A, lora_B: ``[r, in]`` and ``[out, r]``; fp32 or the activation dtype.
         scale: ``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA).
         dropout_p: dropout on the LoRA input only; applied only when ``training``.
@@ -151,13 +157,15 @@ def lora_linear(
         deterministic: bit-reproducible backward (no atomics) where the backend offers it.
         backend: ``auto | torch | triton | cuda``; ``None`` uses the global / environment choice.
     """
+    weight = _nf4.as_op_weight(weight)
     if _autocasting(x, weight, bias, lora_A, lora_B, lora_R):
         # Behave like F.linear under autocast: base GEMM operands in the autocast dtype (whatever dtypes x, weight
         # and bias came in); adapters keep their dtype when it is fp32 or the autocast dtype (cast inside the op,
         # fp32 accumulation), else they run in fp32. Validation happens in the call below, on what the op sees.
         device_type = x.device.type
         dt = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dt), weight.to(dt)
+        x = x.to(dt)
+        weight = weight if isinstance(weight, _nf4.QuantWeight4bit) else weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         if lora_A.dtype not in (dt, torch.float32):
             lora_A, lora_B = lora_A.float(), lora_B.float()

@@ -17,7 +17,7 @@ MAX_FUNC, MAX_KERNEL, MAX_FILE = 120, 200, 500
 
 # Layers, lowest first: a module may import its own layer and those below, never one above.
 LAYERS = [
-    ("lora_kernels.backends", "lora_kernels.functional", "lora_kernels.testing"),
+    ("lora_kernels.backends", "lora_kernels.functional", "lora_kernels.testing", "lora_kernels.quant"),
     ("lora_kernels.nn",),
     ("lora_kernels.adapters",),
     ("lora_kernels.models",),

@@ -20,6 +20,7 @@ from ..backends.registry import validate_backend_name
 from ..nn.checks import check_adapter_dtype, check_alpha, check_dropout, check_init, check_r
 from ..nn.core import AdapterLinear
 from ..nn.lora import LoRALinear
+from ..quant.nf4 import is_params4bit
 from .config import AdapterConfig, LoRAConfig
 from .matching import Plan, check_not_tied, plan_lora, replace_module
 
@@ -131,7 +132,12 @@ def merge_adapters(model: nn.Module, mods: dict, what: str) -> nn.Module:
         except ValueError as e:
             raise ValueError(f"{what}: module {name!r}: {e}") from None
     for name, m in mods.items():
-        replace_module(model, name, m.to_linear())
+        if is_params4bit(m.weight):  # a 4-bit base: re-quantized like PEFT's merge_and_unload (with its warning)
+            from ..quant.convert import requantized_linear4bit
+
+            replace_module(model, name, requantized_linear4bit(m.weight, m.bias, m._merged_weight(+1.0), m.training))
+        else:
+            replace_module(model, name, m.to_linear())
     return model
 
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 from .base import Backend
 from .heuristics import BUILTIN_PRIORITY
 
 
 def _torch_apply(*args):
+    if not isinstance(args[1], torch.Tensor):  # a 4-bit base (lora_kernels.quant.nf4.QuantWeight4bit)
+        from .torch import qlora
+
+        return qlora.apply_4bit(*args)
     from .torch import lora
 
     return lora.apply(*args)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..backends.registry import validate_backend_name
 from ..functional import lora_linear
+from ..quant import nf4 as _nf4
 from .checks import check_adapter_dtype, check_alpha, check_dropout, check_r, scaling_for
 
 
@@ -101,6 +102,10 @@ class AdapterLinear(nn.Linear):
                 f"linear is already a {type(linear).__name__}; adapters cannot be stacked on one layer "
                 "(LoRA cannot be stacked)"
             )
+        if _nf4.is_params4bit(linear.weight):  # a bitsandbytes Linear4bit: stays 4-bit, its weight shared (QLoRA)
+            from ..quant.convert import prepare_linear4bit
+
+            prepare_linear4bit(linear)
         self = cls.__new__(cls)
         # Build the nn.Linear shell on the meta device (no allocation), then adopt the base Parameters.
         nn.Linear.__init__(
@@ -109,7 +114,7 @@ class AdapterLinear(nn.Linear):
             linear.out_features,
             bias=linear.bias is not None,
             device="meta",
-            dtype=linear.weight.dtype,
+            dtype=_nf4.base_dtype(linear.weight),
         )
         self.weight = linear.weight
         self.bias = linear.bias
@@ -163,7 +168,7 @@ class AdapterLinear(nn.Linear):
         return (b @ a).mul_(self.scaling)
 
     def _merged_weight(self, sign: float) -> torch.Tensor:
-        w = self.weight.detach()
+        w = _nf4.dequantize(self.weight) if _nf4.is_params4bit(self.weight) else self.weight.detach()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         out = w.to(acc) + sign * self.delta_weight().to(acc)
         out = out.to(w.dtype)
@@ -180,6 +185,9 @@ class AdapterLinear(nn.Linear):
         """Fold the adapter into the base weight (in place). A no-op when already merged."""
         if self.merged:
             return
+        if _nf4.is_params4bit(self.weight):
+            raise ValueError("merge() cannot fold an adapter into a 4-bit (bitsandbytes) base in place; "
+                             "merge_lora(model) does it as PEFT does (dequantize, merge, re-quantize)")  # fmt: skip
         self.weight.copy_(self._merged_weight(+1.0))
         self.merged = True
 

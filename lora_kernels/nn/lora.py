@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from ..quant.nf4 import is_params4bit
 from .checks import check_init
 from .core import AdapterLinear, default_adapter_dtype
 
@@ -64,6 +65,9 @@ class LoRALinear(AdapterLinear):
     def _pissa_init(self) -> None:
         if self.merged:
             raise ValueError("cannot apply the pissa init to a merged layer; unmerge() first")
+        if is_params4bit(self.weight):
+            raise ValueError("the pissa init rewrites the base weight, which a 4-bit (bitsandbytes) base cannot hold; "
+                             "use init_lora_weights='kaiming' or 'gaussian'")  # fmt: skip
         w = self.weight.detach().float()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         r = self.r

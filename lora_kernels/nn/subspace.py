@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from ..quant import nf4 as _nf4
 from .core import AdapterLinear
 
 PROBE_SEED = 20240521  # fixed: the probe vectors must be the same at save and at load
@@ -39,6 +40,7 @@ PROBE_SEED = 20240521  # fixed: the probe vectors must be the same at save and a
 
 def svd_top(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Canonical-sign top-r ``(U_r [out, r], S_r [r], V_rᵀ [r, in])`` of ``weight`` in fp32 (fp64 for fp64)."""
+    weight = _nf4.dequantize(weight) if _nf4.is_params4bit(weight) else weight  # a 4-bit base: SVD of its values
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     u, s, vh = torch.linalg.svd(weight.detach().to(dt), full_matrices=False)
     u, s, vh = u[:, :r], s[:r], vh[:r]

@@ -12,7 +12,7 @@ Plans (``ops.py``): ``fused`` (the one-launch kernels above) and ``cublas`` (lor
 plus rank-r kernels, r <= 64); :func:`plans_info` says which can run here, ``ops.last_plan()`` which ran.
 
 Not supported (``supports`` says so and ``auto`` moves on): the ``lora_R`` middle matrix, fp64, ranks above 256,
-GPUs older than sm_80.
+GPUs older than sm_80, 4-bit (bitsandbytes) bases.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def availability() -> tuple[bool, str]:
 
 
 def supports(x, weight, bias, lora_A, lora_B, lora_R, opts) -> tuple[bool, str]:
+    if not isinstance(weight, torch.Tensor):  # lora_kernels.quant.nf4.QuantWeight4bit
+        return False, (
+            "the CUDA C++ kernels have no 4-bit (bitsandbytes NF4/FP4) base yet: use backend 'triton' (GPU) or 'torch'"
+        )
     if x.device.type != "cuda":
         return False, f"the CUDA kernels need CUDA tensors, got x on {x.device}"
     if x.dtype not in _DTYPE_CODES:

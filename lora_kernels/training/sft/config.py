@@ -22,6 +22,8 @@ class ConfigError(ValueError):
     """A configuration value (from defaults, YAML or the command line) is missing, unknown or impossible."""
 
 
+QUANT_BASE_DTYPES = ("nf4", "fp4")  # the frozen base quantized at load by bitsandbytes (lora_kernels.quant.convert)
+BASE_DTYPES = ("auto", "fp32", "bf16", *QUANT_BASE_DTYPES)
 DEFAULT_SAMPLE_PROMPTS = [
     "What is AI?",
     "My computer won't turn on.",
@@ -79,7 +81,7 @@ class SFTConfig:
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
     chunked_ce: bool = False  # loss over the LM head in token chunks: the [tokens, vocab] logits never exist
     ce_chunk_size: int | None = None  # tokens per chunk (None = about the size of the hidden states, >= 256)
-    base_dtype: str = "auto"  # frozen base weights: auto (bf16 for LoRA on GPU, else fp32) | fp32 | bf16
+    base_dtype: str = "auto"  # frozen base weights: auto (bf16 for LoRA on GPU, else fp32) | fp32 | bf16 | nf4 | fp4
     distributed: str = "auto"  # under torchrun: auto (= ddp when WORLD_SIZE > 1) | none | ddp | fsdp
     # -- evaluation, logging, checkpoints -----------------------------------------------------------------------
     eval_every: int = 20  # optimizer steps between evals (0 = only before and after training)
@@ -161,10 +163,13 @@ class SFTConfig:
             bad("target_modules", "must not be an empty list")
         if self.ce_chunk_size is not None and self.ce_chunk_size < 1:
             bad("ce_chunk_size", "must be >= 1 or null")
-        if self.base_dtype not in ("auto", "fp32", "bf16"):
-            bad("base_dtype", "must be one of auto, fp32, bf16")
-        if self.base_dtype == "bf16" and self.method == "full":
-            bad("base_dtype", "bf16 applies to the frozen base of a LoRA run; method 'full' trains every weight")
+        if self.base_dtype not in BASE_DTYPES:
+            bad("base_dtype", f"must be one of {', '.join(BASE_DTYPES)}")
+        if self.base_dtype in ("bf16", *QUANT_BASE_DTYPES) and self.method == "full":
+            bad("base_dtype", f"{self.base_dtype} applies to the frozen base of a LoRA run; method 'full' trains every "
+                "weight")  # fmt: skip
+        if self.base_dtype in QUANT_BASE_DTYPES and self.distributed == "fsdp":
+            bad("base_dtype", f"{self.base_dtype} (a bitsandbytes 4-bit base) is not supported with distributed fsdp")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             bad("distributed", "must be one of auto, none, ddp, fsdp")
         return self

@@ -4,6 +4,9 @@
   with ``peft.PeftModel.from_pretrained(base, "<run_dir>/adapter")`` on the same base model.
 * ``merged/`` (``--merge``): a plain Hugging Face model folder (``save_pretrained``, safetensors) with the LoRA
   deltas folded into the base weights, plus the tokenizer; reloads with ``AutoModelForCausalLM.from_pretrained``.
+  A 4-bit base (``--base_dtype nf4|fp4``) is dequantized first (``quant.convert.dequantize_model``: the values
+  training saw) and the adapters are folded in without re-quantizing: a full-precision model in the dtype the
+  base was quantized from, without bitsandbytes (the QLoRA recipe; ``merge_lora`` alone re-quantizes, like PEFT).
 * ``model/`` (method ``full``): the fine-tuned model itself, same format as ``merged/``.
 """
 
@@ -57,6 +60,12 @@ def save_hf_folder(model, tokenizer, directory: Path) -> Path:
 def export_merged(model, tokenizer, directory: Path) -> Path:
     """Merge a copy of the LoRA model (the training model is left as is) and save it as a plain HF folder."""
     from lora_kernels.adapters.inject import merge_lora
+    from lora_kernels.quant import is_params4bit
 
-    merged = merge_lora(copy.deepcopy(model).to("cpu"))
+    merged = copy.deepcopy(model).to("cpu")
+    if any(is_params4bit(p) for p in merged.parameters()):
+        from lora_kernels.quant.convert import dequantize_model
+
+        dequantize_model(merged)
+    merged = merge_lora(merged)
     return save_hf_folder(merged, tokenizer, directory)

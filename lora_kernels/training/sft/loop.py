@@ -29,7 +29,7 @@ import torch
 from lora_kernels.training import distributed as dist_utils
 
 from . import resume as resume_mod
-from .config import ConfigError, SFTConfig, dump_yaml
+from .config import QUANT_BASE_DTYPES, ConfigError, SFTConfig, dump_yaml
 from .data import SFTData, check_dataset_spec, collate, packed_mask_kind, prepare_data
 from .evaluation import compute_loss_sum, evaluate, generate_samples, to_device
 from .metrics import MetricsLog, build_summary, plot_losses, print_summary, setup_line
@@ -139,6 +139,10 @@ def _setup(run: Run) -> None:
 
     t0 = time.time()
     model, run.tokenizer = load_causal_lm(cfg.model)
+    if cfg.base_dtype in QUANT_BASE_DTYPES:  # QLoRA: the frozen linear layers in 4-bit, by bitsandbytes' quantizer
+        from ...quant.convert import quantize_model
+
+        log(str(quantize_model(model, cfg.base_dtype)))
     log(f"model {cfg.model}: {type(model).__name__} loaded in {time.time() - t0:.1f} s")
     run.data = prepare_data(cfg, run.tokenizer, log=log)
     st = run.data.stats

@@ -1,0 +1,123 @@
+"""The ``torch`` backend with a 4-bit frozen base (QLoRA): the oracle of every 4-bit kernel.
+
+The base weight is a bitsandbytes NF4/FP4 weight (lora_kernels.quant.nf4.QuantWeight4bit); everything else is the
+math of ``lora.py``. ``W`` never exists in full precision: the base products dequantize it per call, a chunk of
+rows at a time (``quant.nf4.chunk_rows``: 4M elements by default), bit-identically to bitsandbytes, and drop the
+chunk before the next::
+
+    S   = absmax_fp32(W)                          per-block scales, dequantized once per call (N*K/blocksize)
+    Y[:, rows]  = X W[rows]ᵀ                      forward, per chunk of W's rows (+ b)
+    dX          = Σ_chunks G[:, rows] W[rows]     backward
+    Y  += s · XA [Rᵀ] Bᵀ ;  dX += s · (G B [R] A) ⊙ Z ;  dA, dB, dR, db as in lora.py
+
+Saved for backward: ``X``, the adapters, ``XA`` and the fp32 scales ``S`` (1/16 of W's element count at
+blocksize 64); the packed codes are the layer's own (never copied). The 4-bit weight is frozen (bitsandbytes
+weights cannot require grad), so there is no ``dW``. Precision: the dequantized chunk is cast once to the
+activation dtype (bitsandbytes' ``dequantize_4bit`` op asked for that dtype, as bnb's forward does); the rest is
+``lora.py``'s contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...quant.nf4 import QuantWeight4bit, absmax_fp32, chunk_rows, dequantize_rows
+from ..base import LoRAOpts
+from ..mask import apply_dropout, dropout_keep_mask
+from .lora import _mm32
+
+
+def base_forward(x2: torch.Tensor, q: QuantWeight4bit, absmax: torch.Tensor, bias) -> torch.Tensor:
+    """``X Wᵀ (+ b)`` ``[M, N]`` in x's dtype, dequantizing W a chunk of rows at a time."""
+    m, n = x2.shape[0], q.shape[0]
+    step = chunk_rows(q)
+    if step >= n:
+        w = dequantize_rows(q, 0, n, x2.dtype, absmax)
+        return torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        w = dequantize_rows(q, n0, n1, x2.dtype, absmax)
+        if bias is not None:
+            y[:, n0:n1] = torch.addmm(bias[n0:n1], x2, w.t())
+        else:
+            y[:, n0:n1] = x2 @ w.t()
+    return y
+
+
+def base_grad_input(g: torch.Tensor, q: QuantWeight4bit, absmax: torch.Tensor) -> torch.Tensor:
+    """``G W`` ``[M, K]`` in g's dtype, accumulated over chunks of W's rows."""
+    n = q.shape[0]
+    step = chunk_rows(q)
+    dx = None
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        w = dequantize_rows(q, n0, n1, g.dtype, absmax)
+        gc = g if (n0 == 0 and n1 == n) else g[:, n0:n1]
+        dx = gc @ w if dx is None else dx.addmm_(gc, w)
+    if dx is None:  # N = 0
+        dx = g.new_zeros((g.shape[0], q.shape[1]))
+    return dx
+
+
+class _TorchQLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, lora_A, lora_B, lora_R, q: QuantWeight4bit, opts: LoRAOpts):
+        k, n = x.shape[-1], q.shape[0]
+        x2 = x.reshape(-1, k)
+        dt = x.dtype
+        absmax = absmax_fp32(q)
+        xd = apply_dropout(x2, opts.seed, opts.offset, opts.dropout_p) if opts.dropout_p > 0 else x2
+        xa32 = _mm32(xd, lora_A.to(dt).t())  # [M, r] fp32
+        xr = xa32.to(dt) if lora_R is None else _mm32(xa32.to(dt), lora_R.to(dt).t()).to(dt)
+        y = base_forward(x2, q, absmax, bias)
+        y.addmm_(xr, lora_B.to(dt).t(), alpha=opts.scale)
+        # the 4-bit weight and the options are frozen, non-differentiable state: on ctx, not saved tensors
+        ctx.q, ctx.opts, ctx.x_shape = q, opts, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x2, lora_A, lora_B, lora_R, xa32, absmax)
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, lora_A, lora_B, lora_R, xa32, absmax = ctx.saved_tensors
+        opts: LoRAOpts = ctx.opts
+        need_x, need_b, need_a, need_bb, need_r, _, _ = ctx.needs_input_grad
+        q: QuantWeight4bit = ctx.q
+        dt, s = x2.dtype, opts.scale
+        g = grad_y.reshape(-1, q.shape[0])
+        a, b_ = lora_A.to(dt), lora_B.to(dt)
+        r_ = None if lora_R is None else lora_R.to(dt)
+        dx = db = da = dbb = dr = None
+        gb = gbr = None
+        if need_x or need_a or need_r:
+            gb = _mm32(g, b_).to(dt)
+            gbr = gb if r_ is None else _mm32(gb, r_).to(dt)
+        keep = None
+        if opts.dropout_p > 0 and (need_x or need_a):
+            keep = dropout_keep_mask(opts.seed, opts.offset, x2.shape[0], x2.shape[1], opts.dropout_p, x2.device)
+        if need_x:
+            dx = base_grad_input(g, q, absmax)
+            if keep is not None:
+                t = gbr @ a
+                t.mul_(keep)
+                dx.add_(t, alpha=s / (1.0 - opts.dropout_p))
+            else:
+                dx.addmm_(gbr, a, alpha=s)
+            dx = dx.view(ctx.x_shape)
+        if need_b and ctx.bias_dtype is not None:
+            db = g.sum(0).to(ctx.bias_dtype)
+        if need_a:
+            xd = x2 if keep is None else apply_dropout(x2, opts.seed, opts.offset, opts.dropout_p, keep)
+            da = _mm32(gbr.t(), xd).mul_(s).to(lora_A.dtype)
+        if need_bb:
+            xa = xa32.to(dt)
+            xr = xa if r_ is None else _mm32(xa, r_.t()).to(dt)
+            dbb = _mm32(g.t(), xr).mul_(s).to(lora_B.dtype)
+        if need_r and lora_R is not None:
+            dr = _mm32(gb.t(), xa32.to(dt)).mul_(s).to(lora_R.dtype)
+        return dx, db, da, dbb, dr, None, None
+
+
+def apply_4bit(x, weight: QuantWeight4bit, bias, lora_A, lora_B, lora_R, opts: LoRAOpts) -> torch.Tensor:
+    return _TorchQLoRALinear.apply(x, bias, lora_A, lora_B, lora_R, weight, opts)
