@@ -38,6 +38,7 @@ from .runtime import (
     autocast_ctx,
     backend_label,
     is_main_process,
+    load_dtype,
     lr_lambda,
     param_groups,
     resolve_device,
@@ -138,7 +139,7 @@ def _setup(run: Run) -> None:
     from ...models import load_causal_lm
 
     t0 = time.time()
-    model, run.tokenizer = load_causal_lm(cfg.model)
+    model, run.tokenizer = load_causal_lm(cfg.model, dtype=load_dtype(cfg, run.device))
     log(f"model {cfg.model}: {type(model).__name__} loaded in {time.time() - t0:.1f} s")
     run.data = prepare_data(cfg, run.tokenizer, log=log)
     st = run.data.stats
