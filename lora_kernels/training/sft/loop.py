@@ -34,6 +34,7 @@ from .data import SFTData, check_dataset_spec, collate, packed_mask_kind, prepar
 from .evaluation import compute_loss_sum, evaluate, generate_samples, to_device
 from .metrics import MetricsLog, build_summary, plot_losses, print_summary, setup_line
 from .runtime import (
+    adamw_impl,
     apply_method,
     autocast_ctx,
     backend_label,
@@ -166,7 +167,7 @@ def _setup(run: Run) -> None:
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
-        foreach=run.device.type == "cuda",
+        **adamw_impl(run.device, run.strategy),
     )
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(cfg, run.total_steps))
     log(setup_line(run, run.counts, backend_label(cfg.backend, run.device)))

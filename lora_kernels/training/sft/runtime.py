@@ -206,6 +206,15 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
+def adamw_impl(device: torch.device, strategy: str) -> dict:
+    """AdamW's implementation: the fused kernel on CPU and GPU (one pass over all adapter tensors instead of ~10
+    ops per tensor: 5 vs 19 ms per step for SmolLM2's 420 LoRA tensors on one CPU thread), foreach under FSDP2
+    (its sharded DTensor parameters)."""
+    if strategy == "fsdp":
+        return {"foreach": device.type == "cuda"}
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 def lr_lambda(cfg: SFTConfig, total_steps: int):
     """Linear warmup to 1 over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``total_steps``."""
     warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
