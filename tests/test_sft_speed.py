@@ -41,6 +41,10 @@ def test_base_dtype_auto_follows_the_cpu(monkeypatch, flag, over, device, want):
     assert runtime.load_dtype(cfg, device) == (torch.bfloat16 if want == "bf16" else torch.float32)
     cfg_mts = build_config(overrides={**over, "modules_to_save": ["lm_head"]})
     assert runtime.load_dtype(cfg_mts, device) == torch.float32
+    if device.type == "cpu" and not over:  # fp32 trainable modules next to a bf16 base need autocast
+        assert runtime.resolve_base_dtype(cfg_mts, device)[0] == "fp32"
+        cfg_amp = build_config(overrides={"modules_to_save": ["lm_head"], "precision": "bf16"})
+        assert runtime.resolve_base_dtype(cfg_amp, device)[0] == want
 
 
 def test_cpu_flag_detection_reads_proc_cpuinfo():

@@ -85,6 +85,9 @@ def resolve_base_dtype(cfg: SFTConfig, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         return "bf16", "auto: LoRA on a GPU"
     if device.type == "cpu":
+        if cfg.modules_to_save and resolve_precision(cfg, device) is None:
+            # fp32 trainable copies next to a bf16 base need bf16 autocast to meet one dtype
+            return "fp32", "auto: modules_to_save trains fp32 modules without autocast (--precision bf16 allows bf16)"
         flag = cpu_bf16_instructions()
         if flag:
             return "bf16", f"auto: the CPU has {flag}"
@@ -101,7 +104,8 @@ def load_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
 
 def resolve_chunked_ce(cfg: SFTConfig, device: torch.device, model=None) -> tuple[bool, str]:
     """``(on, why)`` for the chunked LM-head loss. ``None`` (auto) turns it on on a CPU, where it is faster and
-    leaner than full-vocabulary logits (benchmarks/results/sft_vs_hf_cpu.csv), when the model's head allows it."""
+    leaner than full-vocabulary logits (benchmarks/results/sft_vs_hf_pairings_cpu.md), when the model's head
+    allows it."""
     if cfg.chunked_ce is not None:
         return cfg.chunked_ce, "set by chunked_ce"
     if device.type != "cpu":
@@ -208,8 +212,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def adamw_impl(device: torch.device, strategy: str) -> dict:
     """AdamW's implementation: the fused kernel on CPU and GPU (one pass over all adapter tensors instead of ~10
-    ops per tensor: 5 vs 19 ms per step for SmolLM2's 420 LoRA tensors on one CPU thread), foreach under FSDP2
-    (its sharded DTensor parameters)."""
+    ops per tensor; SmolLM2 has 420 LoRA tensors), foreach under FSDP2 (its sharded DTensor parameters)."""
     if strategy == "fsdp":
         return {"foreach": device.type == "cuda"}
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
