@@ -183,3 +183,36 @@ def test_packed_loss_through_the_loop_path_ignores_the_neighbour():
         la = compute_loss_sum(model, collate([[ex1, ex2]], 0, kind))
         lb = compute_loss_sum(model, collate([[ex1b, ex2]], 0, kind))
     assert float(la) > 0 and torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tie", [False, True])
+def test_lean_folder_load_equals_from_pretrained(tmp_path, dtype, tie):
+    """The tensor-at-a-time loader builds the same model as from_pretrained (every tensor, tied weights, buffers,
+    attention implementation, logits), and gives its reason instead when the checkpoint does not fit."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lora_kernels.models import byte_tokenizer, load_causal_lm, tiny_llama
+    from lora_kernels.models.sources import load_folder_lean
+
+    folder = tmp_path / "m"
+    tiny_llama(tie_word_embeddings=tie, seed=2).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    lean = load_folder_lean(folder, dtype)
+    ref = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    a, b = lean.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == dtype for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(lean.buffers(), ref.buffers()))
+    assert (lean.lm_head.weight is lean.model.embed_tokens.weight) == tie
+    assert lean.config._attn_implementation == ref.config._attn_implementation and not lean.training
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lean(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
+    # a checkpoint with a name the model does not have: the reason, and load_causal_lm still loads (HF's loader)
+    sd = load_file(str(folder / "model.safetensors"))
+    save_file({**sd, "extra.weight": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    why = load_folder_lean(folder, dtype)
+    assert isinstance(why, str) and "extra.weight" in why
+    model, _ = load_causal_lm(str(folder), dtype=dtype)
+    assert next(model.parameters()).dtype == dtype
