@@ -57,6 +57,7 @@ def _overrides(tmp_path, tiny_model, dataset, **kw):
         lora_r=4,
         lora_alpha=8.0,
         num_threads=1,
+        base_dtype="fp32",  # these tests pin fp32 semantics (auto is bf16 on CPUs with bf16 instructions)
     )
     base.update(kw)
     return base
@@ -170,7 +171,7 @@ def test_gpu_sft_learns_and_resumes(tmp_path, tiny_model, dataset):
     import lora_kernels.backends.triton as lkt
 
     kw = dict(device="cuda", max_steps=12, lr=3e-2, packing=True, lora_dropout=0.1, save_every=4, keep_last=3,
-              deterministic=True, gradient_checkpointing=True, chunked_ce=True)  # fmt: skip
+              deterministic=True, gradient_checkpointing=True, chunked_ce=True, base_dtype="auto")  # fmt: skip
     with lkt.launch_counter() as launches:
         ref = _run(tmp_path, tiny_model, dataset, name="ref", **kw)
     assert launches.count > 0, "the LoRA layers did not run the Triton kernels"

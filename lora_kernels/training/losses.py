@@ -250,6 +250,15 @@ def _check_plain_head(model: torch.nn.Module) -> None:
         raise ValueError(f"model {type(model).__name__} has no linear output head")
 
 
+def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
+    """Why :func:`enable_chunked_loss` cannot take ``model`` (a sentence), or None when it can."""
+    try:
+        _check_plain_head(model)
+    except (ValueError, NotImplementedError) as e:
+        return str(e)
+    return None
+
+
 def _decoder_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
     out = model.get_decoder()(
         input_ids=input_ids,

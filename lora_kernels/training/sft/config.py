@@ -79,9 +79,9 @@ class SFTConfig:
     num_threads: int | None = None  # torch CPU threads (None = torch's default)
     # -- memory and multi-process (lora_kernels.training.memory / losses / distributed) ----------------------------------
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
-    chunked_ce: bool = False  # loss over the LM head in token chunks: the [tokens, vocab] logits never exist
+    chunked_ce: bool | None = None  # loss over the LM head in token chunks, no [tokens, vocab] logits (None: on on CPU)
     ce_chunk_size: int | None = None  # tokens per chunk (None = about the size of the hidden states, >= 256)
-    base_dtype: str = "auto"  # frozen base weights: auto (bf16 for LoRA on GPU, else fp32) | fp32 | bf16 | nf4 | fp4
+    base_dtype: str = "auto"  # frozen base: auto (LoRA: bf16 on GPU / a bf16-capable CPU) | fp32 | bf16 | nf4 | fp4
     distributed: str = "auto"  # under torchrun: auto (= ddp when WORLD_SIZE > 1) | none | ddp | fsdp
     # -- evaluation, logging, checkpoints -----------------------------------------------------------------------
     eval_every: int = 20  # optimizer steps between evals (0 = only before and after training)

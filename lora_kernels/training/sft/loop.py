@@ -34,10 +34,12 @@ from .data import SFTData, check_dataset_spec, collate, packed_mask_kind, prepar
 from .evaluation import compute_loss_sum, evaluate, generate_samples, to_device
 from .metrics import MetricsLog, build_summary, plot_losses, print_summary, setup_line
 from .runtime import (
+    adamw_impl,
     apply_method,
     autocast_ctx,
     backend_label,
     is_main_process,
+    load_dtype,
     lr_lambda,
     param_groups,
     resolve_device,
@@ -138,7 +140,7 @@ def _setup(run: Run) -> None:
     from ...models import load_causal_lm
 
     t0 = time.time()
-    model, run.tokenizer = load_causal_lm(cfg.model)
+    model, run.tokenizer = load_causal_lm(cfg.model, dtype=load_dtype(cfg, run.device))
     if cfg.base_dtype in QUANT_BASE_DTYPES:  # QLoRA: the frozen linear layers in 4-bit, by bitsandbytes' quantizer
         from ...quant.convert import quantize_model
 
@@ -169,7 +171,7 @@ def _setup(run: Run) -> None:
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
-        foreach=run.device.type == "cuda",
+        **adamw_impl(run.device, run.strategy),
     )
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(cfg, run.total_steps))
     log(setup_line(run, run.counts, backend_label(cfg.backend, run.device)))

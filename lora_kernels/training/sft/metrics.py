@@ -111,21 +111,33 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def setup_line(run, counts: dict, backend: str) -> str:
-    """One line saying what trains, where, how (precision, backend, strategy, memory options)."""
+    """One line saying what trains, where, how: precision, the frozen base's dtype and the loss, each with why
+    (auto choices name their reason and the field that overrides them), backend, strategy, memory options."""
+    from .runtime import resolve_base_dtype, resolve_chunked_ce
+
     cfg = run.cfg
-    memory = [
-        k
-        for k, on in (
-            ("activation checkpointing", cfg.gradient_checkpointing),
-            ("chunked CE", cfg.chunked_ce),
-            ("bf16 frozen base", any(p.dtype == torch.bfloat16 for p in run.core.parameters())),
+
+    def names(trainable):
+        short = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
+        return "/".join(
+            sorted({short.get(p.dtype, str(p.dtype)) for p in run.core.parameters() if p.requires_grad == trainable})
         )
-        if on
-    ]
+
+    base, base_why = resolve_base_dtype(cfg, run.device)
+    chunked = getattr(run.core, "_lk_chunked", None) is not None
+    _, ce_why = resolve_chunked_ce(cfg, run.device, run.core)
+    memory = [k for k, on in (("activation checkpointing", cfg.gradient_checkpointing),) if on]
     return (
         f"method {cfg.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); device {run.device}, "
         f"precision {'bf16 autocast' if run.amp_dtype else 'fp32'}"
+        + (
+            f"; frozen base {names(False) or base} ({base_why}; --base_dtype overrides), trainable weights and "
+            f"optimizer state {names(True)}"
+            if cfg.method == "lora"
+            else ""
+        )
+        + f"; loss {'chunked CE' if chunked else 'full logits'} ({ce_why}; --[no-]chunked_ce overrides)"
         + (f", lora backend {backend}" if cfg.method == "lora" else "")
         + (f"; {run.strategy} over {run.world} processes" if run.world > 1 else "")
         + "; memory: "

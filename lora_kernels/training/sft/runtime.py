@@ -7,6 +7,7 @@ placement (frozen-base dtype, checkpointing, chunked loss, DDP / FSDP2), optimiz
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -55,6 +56,67 @@ def resolve_precision(cfg: SFTConfig, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("config field 'precision': bf16 autocast needs a GPU with bf16 support; use fp32")
     return torch.bfloat16
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_instructions() -> str | None:
+    """The CPU feature that runs bf16 matrix products natively (``amx_bf16`` or ``avx512_bf16`` in
+    ``/proc/cpuinfo``), or None: without one, oneDNN emulates bf16 and an fp32 base is as fast or faster."""
+    if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
+        return "amx_bf16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((k for k in ("amx_bf16", "avx512_bf16") if k in flags), None)
+
+
+def resolve_base_dtype(cfg: SFTConfig, device: torch.device) -> tuple[str, str]:
+    """``(dtype, why)`` of the frozen base: what ``base_dtype`` resolves to here and the reason, for the setup line.
+
+    ``auto`` is bf16 for LoRA on a GPU and on a CPU with bf16 instructions (the base's matrix products are most of
+    a step; adapters and optimizer state stay fp32), fp32 elsewhere and for full fine-tuning.
+    """
+    if cfg.base_dtype != "auto":
+        return cfg.base_dtype, "set by base_dtype"
+    if cfg.method != "lora":
+        return "fp32", "auto: method full trains every weight"
+    if device.type == "cuda":
+        return "bf16", "auto: LoRA on a GPU"
+    if device.type == "cpu":
+        if cfg.modules_to_save and resolve_precision(cfg, device) is None:
+            # fp32 trainable copies next to a bf16 base need bf16 autocast to meet one dtype
+            return "fp32", "auto: modules_to_save trains fp32 modules without autocast (--precision bf16 allows bf16)"
+        flag = cpu_bf16_instructions()
+        if flag:
+            return "bf16", f"auto: the CPU has {flag}"
+        return "fp32", "auto: the CPU has no avx512_bf16 / amx_bf16"
+    return "fp32", f"auto: device {device.type}"
+
+
+def load_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
+    """The dtype to load the model in: bf16 straight away when the frozen base will be bf16 and nothing but LoRA
+    trains (no fp32 copy of the weights is ever held: a lower peak RSS), else fp32 (cast after injection)."""
+    bf16 = resolve_base_dtype(cfg, device)[0] == "bf16" and cfg.method == "lora" and not cfg.modules_to_save
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def resolve_chunked_ce(cfg: SFTConfig, device: torch.device, model=None) -> tuple[bool, str]:
+    """``(on, why)`` for the chunked LM-head loss. ``None`` (auto) turns it on on a CPU, where it is faster and
+    leaner than full-vocabulary logits (benchmarks/results/sft_vs_hf_pairings_cpu.md), when the model's head
+    allows it."""
+    if cfg.chunked_ce is not None:
+        return cfg.chunked_ce, "set by chunked_ce"
+    if device.type != "cpu":
+        return False, f"auto: off on {device.type} (not measured faster there; --chunked_ce turns it on)"
+    if model is not None:
+        from lora_kernels.training.losses import chunked_loss_unsupported
+
+        why = chunked_loss_unsupported(model)
+        if why:
+            return False, f"auto: off, the model's head does not allow it ({why})"
+    return True, "auto: on on CPU"
 
 
 def backend_label(name: str, device: torch.device) -> str:
@@ -115,14 +177,11 @@ def wrap_model(model, cfg: SFTConfig, device: torch.device):
     from lora_kernels.training.losses import enable_chunked_loss
     from lora_kernels.training.memory import cast_frozen_params, enable_gradient_checkpointing
 
-    base_dtype = cfg.base_dtype
-    if base_dtype == "auto":
-        base_dtype = "bf16" if device.type == "cuda" and cfg.method == "lora" else "fp32"
-    if base_dtype == "bf16":
-        cast_frozen_params(model, torch.bfloat16)
+    if resolve_base_dtype(cfg, device)[0] == "bf16":
+        cast_frozen_params(model, torch.bfloat16)  # a no-op for weights already loaded in bf16 (load_dtype)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if cfg.chunked_ce:
+    if resolve_chunked_ce(cfg, device, model)[0]:
         enable_chunked_loss(model, chunk_size=cfg.ce_chunk_size)
     model = model.to(device)
     strategy = resolve_strategy(cfg)
@@ -149,6 +208,14 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     return groups
+
+
+def adamw_impl(device: torch.device, strategy: str) -> dict:
+    """AdamW's implementation: the fused kernel on CPU and GPU (one pass over all adapter tensors instead of ~10
+    ops per tensor; SmolLM2 has 420 LoRA tensors), foreach under FSDP2 (its sharded DTensor parameters)."""
+    if strategy == "fsdp":
+        return {"foreach": device.type == "cuda"}
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
 def lr_lambda(cfg: SFTConfig, total_steps: int):
