@@ -66,7 +66,8 @@ def child_hf(args) -> dict:
     from lora_kernels.training.sft.runtime import lr_lambda, param_groups
     from lora_kernels.training.sft.sampler import StepSampler, row_lengths
 
-    cfg = build_config(overrides={"max_steps": args.max_steps} if args.max_steps else {})  # the default run
+    # the default run, at dropout 0 on every side (HF's eval runs in training mode: module docstring)
+    cfg = build_config(overrides={"lora_dropout": 0.0, **({"max_steps": args.max_steps} if args.max_steps else {})})
     tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
     ensure_chat_template(tok, log=lambda *_: None)
     data = prepare_data(cfg, tok, log=lambda *_: None)
@@ -172,6 +173,7 @@ def _one(impl: str, args, rnd: int) -> dict:
         name = f"{base}-r{rnd}"
         stdout, rss, wall = _run([sys.executable, "-m", "lora_kernels", "sft", "--base_dtype", base, "--output_dir",
                                   args.out, "--name", name, "--overwrite", "true", "--progress", "false",
+                                  "--lora_dropout", "0",
                                   *(["--max_steps", str(args.max_steps)] if args.max_steps else [])])  # fmt: skip
         res = _ours_result(Path(args.out) / name, stdout)
     res.update(peak_rss_mib=rss, wall_s=wall)
