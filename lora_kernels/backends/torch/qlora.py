@@ -23,8 +23,8 @@ import torch
 
 from ...quant.nf4 import QuantWeight4bit, absmax_fp32, chunk_rows, dequantize_rows
 from ..base import LoRAOpts
-from ..mask import apply_dropout, dropout_keep_mask
-from .lora import _mm32
+from .dropout import dropped_backward, dropped_xa
+from .lora import _as, _mm32, _scaled_mm32
 
 
 def base_forward(x2: torch.Tensor, q: QuantWeight4bit, absmax: torch.Tensor, bias) -> torch.Tensor:
@@ -67,8 +67,11 @@ class _TorchQLoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         dt = x.dtype
         absmax = absmax_fp32(q)
-        xd = apply_dropout(x2, opts.seed, opts.offset, opts.dropout_p) if opts.dropout_p > 0 else x2
-        xa32 = _mm32(xd, lora_A.to(dt).t())  # [M, r] fp32
+        a = _as(lora_A, dt)
+        if opts.dropout_p > 0:  # the dense path's masked product (dropout.py): the same values, bit for bit
+            xa32 = dropped_xa(x2, a, opts.seed, opts.offset, opts.dropout_p)
+        else:
+            xa32 = _mm32(x2, a.t())  # [M, r] fp32
         xr = xa32.to(dt) if lora_R is None else _mm32(xa32.to(dt), lora_R.to(dt).t()).to(dt)
         y = base_forward(x2, q, absmax, bias)
         y.addmm_(xr, lora_B.to(dt).t(), alpha=opts.scale)
@@ -93,29 +96,28 @@ class _TorchQLoRALinear(torch.autograd.Function):
         if need_x or need_a or need_r:
             gb = _mm32(g, b_).to(dt)
             gbr = gb if r_ is None else _mm32(gb, r_).to(dt)
-        keep = None
-        if opts.dropout_p > 0 and (need_x or need_a):
-            keep = dropout_keep_mask(opts.seed, opts.offset, x2.shape[0], x2.shape[1], opts.dropout_p, x2.device)
+        p = opts.dropout_p
         if need_x:
             dx = base_grad_input(g, q, absmax)
-            if keep is not None:
-                t = gbr @ a
-                t.mul_(keep)
-                dx.add_(t, alpha=s / (1.0 - opts.dropout_p))
-            else:
+        if p > 0 and (need_x or need_a):
+            # the forward's mask, regenerated once per chunk for dX and dA (dropout.py, as the dense path does)
+            da32 = dropped_backward(x2, gbr, a, dx, need_a, s, opts.seed, opts.offset, p)
+            da = _as(da32, lora_A.dtype) if need_a else None
+        else:
+            if need_x:
                 dx.addmm_(gbr, a, alpha=s)
+            if need_a:
+                da = _as(_scaled_mm32(gbr.t(), x2, s), lora_A.dtype)
+        if need_x:
             dx = dx.view(ctx.x_shape)
         if need_b and ctx.bias_dtype is not None:
             db = g.sum(0).to(ctx.bias_dtype)
-        if need_a:
-            xd = x2 if keep is None else apply_dropout(x2, opts.seed, opts.offset, opts.dropout_p, keep)
-            da = _mm32(gbr.t(), xd).mul_(s).to(lora_A.dtype)
         if need_bb:
             xa = xa32.to(dt)
             xr = xa if r_ is None else _mm32(xa, r_.t()).to(dt)
-            dbb = _mm32(g.t(), xr).mul_(s).to(lora_B.dtype)
+            dbb = _as(_scaled_mm32(g.t(), xr, s), lora_B.dtype)
         if need_r and lora_R is not None:
-            dr = _mm32(gb.t(), xa32.to(dt)).mul_(s).to(lora_R.dtype)
+            dr = _as(_scaled_mm32(gb.t(), xa32.to(dt), s), lora_R.dtype)
         return dx, db, da, dbb, dr, None, None
 
 
