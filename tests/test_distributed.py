@@ -277,7 +277,9 @@ def _sft_cmd(nproc, model, data, out, name, batch_size, *extra):
         "--max_len", "64", "--batch_size", str(batch_size), "--grad_accum", "2", "--max_steps", "6",
         "--eval_size", "0", "--eval_every", "0", "--save_every", "2", "--keep_last", "3", "--lr", "1e-2",
         "--warmup_steps", "1", "--lora_r", "4", "--no-progress", "--no-plot", "--max_new_tokens", "0",
-        "--num_threads", "1", "--chunked_ce", "--ce_chunk_size", "37", "--gradient_checkpointing", *extra,
+        "--num_threads", "1", "--chunked_ce", "--ce_chunk_size", "37", "--gradient_checkpointing",
+        # dropout masks are drawn per rank and micro-batch: runs that split a global batch differently agree at p=0
+        "--lora_dropout", "0", *extra,
     ]  # fmt: skip
     if nproc == 1:
         return [sys.executable, "-m", "lora_kernels", "sft", *args]

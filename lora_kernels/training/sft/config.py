@@ -43,7 +43,7 @@ class SFTConfig:
     method: str = "lora"  # "lora" (our LoRALinear) or "full" (every parameter trains)
     lora_r: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.0  # PEFT's default; > 0 regenerates a hashed mask per LoRA layer (costly on CPU)
+    lora_dropout: float = 0.05  # PEFT recipes' common value; the mask is a hash regenerated in backward, never stored
     use_rslora: bool = False
     target_modules: str | list[str] = "all-linear"  # "all-linear", a list of module-name suffixes, or a regex
     exclude_modules: list[str] | None = None
