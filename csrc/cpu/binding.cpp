@@ -17,6 +17,7 @@
 #include <omp.h>
 #endif
 
+#include "dequant_kernels.h"
 #include "dropout_kernels.h"
 
 namespace py = pybind11;
@@ -95,6 +96,19 @@ LK_DEFINE_ROWS(rows_f32, F32, F32)
 LK_DEFINE_ROWS(rows_f16, F16, F32)
 LK_DEFINE_ROWS(rows_bf16, BF16, F32)
 LK_DEFINE_ROWS(rows_f64, F64, F64)
+
+LK_CLONES void dequant_f32(const uint8_t* p, const float* c, const float* a, int64_t bs, int64_t e0, int64_t e1,
+                           void* out) {
+  dequant_range<F32>(p, c, a, bs, e0, e1, static_cast<float*>(out));
+}
+LK_CLONES void dequant_bf16(const uint8_t* p, const float* c, const float* a, int64_t bs, int64_t e0, int64_t e1,
+                            void* out) {
+  dequant_range<BF16>(p, c, a, bs, e0, e1, static_cast<uint16_t*>(out));
+}
+LK_CLONES void dequant_f16(const uint8_t* p, const float* c, const float* a, int64_t bs, int64_t e0, int64_t e1,
+                           void* out) {
+  dequant_range<F16>(p, c, a, bs, e0, e1, static_cast<uint16_t*>(out));
+}
 
 LK_CLONES void rows_keep(uint8_t* out, int64_t m0, int64_t m1, int64_t K, const Hash& hs) {
   keep_rows(out, m0, m1, K, hs);
@@ -258,6 +272,39 @@ py::bytes keep_mask(uint64_t seed, uint64_t offset, int64_t M, int64_t K, uint64
   return py::bytes(out);
 }
 
+// out[j] = dtype(code[nibble(e0 + j)] * absmax[(e0 + j) / blocksize]), j < e1 - e0: elements [e0, e1) of a
+// bitsandbytes 4-bit weight (packed: its uint8 storage from element 0; code: 16 fp32; absmax: fp32 per block).
+void dequant_4bit(uint64_t packed, uint64_t code, uint64_t absmax, uint64_t out, int64_t e0, int64_t e1,
+                  int64_t blocksize, int dtype, int nthreads) {
+  const char* call = "lora_kernels._cpu.dequant_4bit";
+  check_nonneg(call, "e0", e0);
+  if (e1 < e0) bad(call, "e1 must be >= e0, got e0=" + std::to_string(e0) + ", e1=" + std::to_string(e1));
+  if (blocksize < 2 || blocksize % 2)
+    bad(call, "blocksize must be an even number >= 2, got " + std::to_string(blocksize));
+  if (dtype == kFloat64) bad(call, "dtype must be float32, float16 or bfloat16 (codes 0, 1, 2), got 3 (float64)");
+  if (nthreads < 1) bad(call, "nthreads must be >= 1, got " + std::to_string(nthreads));
+  const int64_t eb = elem_bytes(call, dtype);
+  const bool any = e1 > e0;
+  check_ptr(call, "packed", packed, 1, any);
+  check_ptr(call, "code", code, 4, any);
+  check_ptr(call, "absmax", absmax, 4, any);
+  check_ptr(call, "out", out, eb, any);
+  if (!any) return;
+  auto fn = dtype == kFloat32 ? dequant_f32 : dtype == kBFloat16 ? dequant_bf16 : dequant_f16;
+  const auto* p = reinterpret_cast<const uint8_t*>(packed);
+  const auto* c = reinterpret_cast<const float*>(code);
+  const auto* a = reinterpret_cast<const float*>(absmax);
+  auto* o = reinterpret_cast<uint8_t*>(out);
+  const int64_t n = e1 - e0;
+  py::gil_scoped_release nogil;
+  // split into whole blocks per thread (parallel_rows over blocks of one element each, then scaled)
+  const int64_t nb = (n + blocksize - 1) / blocksize;
+  parallel_rows(nb, blocksize, nthreads, [&](int64_t b0, int64_t b1) {
+    const int64_t s = e0 + b0 * blocksize, t = e0 + b1 * blocksize < e1 ? e0 + b1 * blocksize : e1;
+    if (s < t) fn(p, c, a, blocksize, s, t, o + (s - e0) * eb);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, mod) {
@@ -282,6 +329,10 @@ PYBIND11_MODULE(_cpu, mod) {
           py::arg("threshold"), py::arg("scale"), py::arg("alpha"), py::arg("nthreads"),
           "One mask evaluation for both backward uses: dx += alpha * (t * keep) in place (when dx != 0) and "
           "xd = x * keep * scale as dropout_forward (when xd != 0). t, dx, xd have unit inner strides.");
+  mod.def("dequant_4bit", &dequant_4bit, py::arg("packed"), py::arg("code"), py::arg("absmax"), py::arg("out"),
+          py::arg("e0"), py::arg("e1"), py::arg("blocksize"), py::arg("dtype"), py::arg("nthreads"),
+          "Elements [e0, e1) of a bitsandbytes 4-bit weight: out[j] = code[nibble] * absmax[block], rounded once to "
+          "dtype (0 float32, 1 float16, 2 bfloat16); packed is the uint8 storage from element 0.");
   mod.def("keep_mask", &keep_mask, py::arg("seed"), py::arg("offset"), py::arg("M"), py::arg("K"), py::arg("threshold"),
           py::arg("nthreads") = 1, "The keep-mask alone: M*K bytes, row-major, 1 = kept.");
 }

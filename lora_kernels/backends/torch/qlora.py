@@ -21,10 +21,31 @@ from __future__ import annotations
 
 import torch
 
-from ...quant.nf4 import QuantWeight4bit, absmax_fp32, chunk_rows, dequantize_rows
+from ...quant import nf4
+from ...quant.nf4 import QuantWeight4bit, absmax_fp32, chunk_rows
 from ..base import LoRAOpts
+from . import native
 from .dropout import dropped_backward, dropped_xa
 from .lora import _as, _mm32, _scaled_mm32
+
+
+def dequantize_rows(q: QuantWeight4bit, start: int, stop: int, dtype: torch.dtype, absmax: torch.Tensor):
+    """Rows ``[start, stop)`` of W in ``dtype``: on CPU one fused native pass (unpack + code book + scale + round,
+    ``lora_kernels._cpu.dequant_4bit``), else :func:`lora_kernels.quant.nf4.dequantize_rows`' torch ops; the same
+    values bit for bit (tests/test_qlora_native.py). Without the native module :mod:`.native` logs why, once."""
+    lib = native.module() if q.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    k = q.shape[1]
+    if lib is None or dtype not in _NATIVE_DTYPES or absmax.dtype != torch.float32 or start >= stop or k == 0:
+        return nf4.dequantize_rows(q, start, stop, dtype, absmax)
+    out = torch.empty((stop - start, k), dtype=dtype)
+    code = q.code.float().contiguous()  # 16 values
+    packed, absmax = q.packed.contiguous(), absmax.contiguous()  # no copies: both are flat and contiguous already
+    lib.dequant_4bit(packed.data_ptr(), code.data_ptr(), absmax.data_ptr(), out.data_ptr(), start * k, stop * k,
+                     q.blocksize, native.DTYPE_CODES[dtype], torch.get_num_threads())  # fmt: skip
+    return out
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def base_forward(x2: torch.Tensor, q: QuantWeight4bit, absmax: torch.Tensor, bias) -> torch.Tensor:
