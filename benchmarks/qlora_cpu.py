@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "qlora_cpu.csv"
 COLUMNS = ["time_utc", "round", "impl", "base", "steps", "batch_size", "threads", "tokens_per_s", "peak_rss_mib",
            "eval_loss_before", "eval_loss_after", "eval_loss_vs_ours_fp32", "base_weight_mib", "base_weight_vs_bf16",
-           "wall_s", "load_before", "torch", "transformers", "peft", "bitsandbytes"]  # fmt: skip
+           "wall_s", "load_before", "compute", "torch", "transformers", "peft", "bitsandbytes"]  # fmt: skip
 
 
 def _timed_tokens_per_s(step_tokens: list[int], step_times: list[float]) -> float:
@@ -73,9 +73,10 @@ def child_hf(args) -> dict:
     data = prepare_data(cfg, tok, log=lambda *_: None)
     sampler = StepSampler(len(data.train_rows), cfg.batch_size, cfg.seed, row_lengths(data, cfg))
     rows = [data.train_rows[i][0] for s in range(cfg.max_steps) for i in sampler.rows(s)[1]]
+    dt = _compute_dtype()  # the compute dtype ours picks here: equal settings
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True, dtype=torch.float32,
+                                 bnb_4bit_compute_dtype=dt)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True, dtype=dt,
                                                  quantization_config=bnb_cfg, device_map="cpu")  # fmt: skip
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -181,6 +182,23 @@ def _one(impl: str, args, rnd: int) -> dict:
     return res
 
 
+def _compute_name() -> str:
+    """What ``lora-kernels sft --base_dtype nf4`` computes in on this machine (bf16 where the CPU has bf16
+    instructions: lora_kernels.training.sft.runtime.resolve_quant_compute)."""
+    import torch
+
+    from lora_kernels.training.sft.config import build_config
+    from lora_kernels.training.sft.runtime import resolve_quant_compute
+
+    return resolve_quant_compute(build_config(overrides={"base_dtype": "nf4"}), torch.device("cpu"))[0]
+
+
+def _compute_dtype():
+    import torch
+
+    return torch.bfloat16 if _compute_name() == "bf16" else torch.float32
+
+
 def _versions() -> list[str]:
     import bitsandbytes
     import peft
@@ -210,7 +228,7 @@ def main() -> None:
     impls = ["ours_nf4", "ours_fp32", "hf_trainer+peft+bnb4bit"] + (["ours_bf16"] if args.with_bf16 else [])
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
@@ -223,6 +241,7 @@ def main() -> None:
                 results[impl] = r = _one(impl, args, rnd)
                 r["load"] = load
             fp32 = results["ours_fp32"]["eval_loss_after"]
+            compute = _compute_name()  # of the 4-bit runs
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             for impl in impls:
                 r = results[impl]
@@ -234,7 +253,7 @@ def main() -> None:
                             r["eval_loss_before"], round(r["eval_loss_after"], 4),
                             round(r["eval_loss_after"] / fp32, 4), None if mib is None else round(mib, 2),
                             None if ratio is None else round(ratio, 3), round(r["wall_s"], 1), round(r["load"], 2),
-                            *_versions()])  # fmt: skip
+                            compute if r["base_bytes"] else None, *_versions()])  # fmt: skip
             f.flush()
 
 

@@ -436,8 +436,13 @@ def test_quantize_model_writes_an_ordinary_hf_4bit_checkpoint(tiny_dir, tmp_path
         assert convert.quantize_model(big, quant_type, double_quant=dq).ratio_to_bf16 <= 0.30
 
 
-def test_sft_base_dtype_nf4_trains_and_exports(tmp_path):
+def test_sft_base_dtype_nf4_trains_and_exports(tmp_path, monkeypatch):
     import json
+
+    from lora_kernels.training.sft import runtime
+
+    # fp32 compute (as on a CPU without bf16 instructions): the merged export is then compared with PEFT at 1e-4
+    monkeypatch.setattr(runtime, "cpu_bf16_instructions", lambda: None)
 
     from lora_kernels.training.sft.config import ConfigError, build_config
     from lora_kernels.training.sft.loop import run_sft
@@ -467,6 +472,7 @@ def test_sft_base_dtype_nf4_trains_and_exports(tmp_path):
         warnings.simplefilter("ignore")
         s = run_sft(build_config(overrides=ov), log=lambda *a: lines.append(" ".join(map(str, a))))
     assert any("frozen base -> nf4" in ln for ln in lines)
+    assert any("compute fp32: no bf16 instructions on cpu" in ln for ln in lines), lines
     assert s["eval_loss_after"] < s["eval_loss_before"] - 0.5, s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -216,3 +216,19 @@ def test_lean_folder_load_equals_from_pretrained(tmp_path, dtype, tie):
     assert isinstance(why, str) and "extra.weight" in why
     model, _ = load_causal_lm(str(folder), dtype=dtype)
     assert next(model.parameters()).dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "flag, device, save, want",
+    [("avx512_bf16", "cpu", None, "bf16"), (None, "cpu", None, "fp32"), ("avx512_bf16", "cpu", ["lm_head"], "fp32"),
+     (None, "cuda", None, "bf16")],
+)  # fmt: skip
+def test_4bit_base_computes_in_bf16_where_bf16_is_fast(monkeypatch, flag, device, save, want):
+    """QLoRA's compute dtype: the unquantized rest of a 4-bit base (and so the activations) in bf16 on a GPU and
+    a bf16-capable CPU, fp32 elsewhere and beside fp32 modules_to_save without autocast; the frozen floats follow."""
+    monkeypatch.setattr(runtime, "cpu_bf16_instructions", lambda: flag)
+    cfg = build_config(overrides={"base_dtype": "nf4", "modules_to_save": save})
+    dev = torch.device(device)
+    assert runtime.resolve_quant_compute(cfg, dev)[0] == want
+    assert runtime.low_precision_base(cfg, dev) == (want == "bf16")
+    assert runtime.load_dtype(cfg, dev) == torch.float32  # quantized from full precision

@@ -113,7 +113,8 @@ def peak_memory(device: torch.device) -> dict:
 def setup_line(run, counts: dict, backend: str) -> str:
     """One line saying what trains, where, how: precision, the frozen base's dtype and the loss, each with why
     (auto choices name their reason and the field that overrides them), backend, strategy, memory options."""
-    from .runtime import resolve_base_dtype, resolve_chunked_ce
+    from .config import QUANT_BASE_DTYPES
+    from .runtime import resolve_base_dtype, resolve_chunked_ce, resolve_quant_compute
 
     cfg = run.cfg
 
@@ -124,6 +125,9 @@ def setup_line(run, counts: dict, backend: str) -> str:
         )
 
     base, base_why = resolve_base_dtype(cfg, run.device)
+    if base in QUANT_BASE_DTYPES:
+        compute, compute_why = resolve_quant_compute(cfg, run.device)
+        base_why += f"; compute {compute}: {compute_why}"
     chunked = getattr(run.core, "_lk_chunked", None) is not None
     _, ce_why = resolve_chunked_ce(cfg, run.device, run.core)
     memory = [k for k, on in (("activation checkpointing", cfg.gradient_checkpointing),) if on]

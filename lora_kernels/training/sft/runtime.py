@@ -17,7 +17,7 @@ import torch
 
 from lora_kernels.training import distributed as dist_utils
 
-from .config import ConfigError, SFTConfig
+from .config import QUANT_BASE_DTYPES, ConfigError, SFTConfig
 
 
 def is_main_process() -> bool:
@@ -93,6 +93,24 @@ def resolve_base_dtype(cfg: SFTConfig, device: torch.device) -> tuple[str, str]:
             return "bf16", f"auto: the CPU has {flag}"
         return "fp32", "auto: the CPU has no avx512_bf16 / amx_bf16"
     return "fp32", f"auto: device {device.type}"
+
+
+def resolve_quant_compute(cfg: SFTConfig, device: torch.device) -> tuple[str, str]:
+    """``(dtype, why)`` the rest of a 4-bit base (embeddings, norms, LM head) and so the activations and the
+    dequantized tiles run in: bf16 (QLoRA's usual compute dtype) on a GPU and on a CPU with bf16 instructions, fp32
+    elsewhere or when ``modules_to_save`` trains fp32 modules without autocast (``--base_dtype`` fp32 for reference)."""
+    if device.type == "cpu" and cfg.modules_to_save and resolve_precision(cfg, device) is None:
+        return "fp32", "modules_to_save trains fp32 modules without autocast"
+    if device.type == "cuda":
+        return "bf16", "on a GPU"
+    flag = cpu_bf16_instructions() if device.type == "cpu" else None
+    return ("bf16", f"the CPU has {flag}") if flag else ("fp32", f"no bf16 instructions on {device.type}")
+
+
+def low_precision_base(cfg: SFTConfig, device: torch.device) -> bool:
+    """Whether the frozen floating weights are stored in bf16: a bf16 base, or the unquantized rest of a 4-bit one."""
+    base = resolve_base_dtype(cfg, device)[0]
+    return base == "bf16" or (base in QUANT_BASE_DTYPES and resolve_quant_compute(cfg, device)[0] == "bf16")
 
 
 def load_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
@@ -177,7 +195,7 @@ def wrap_model(model, cfg: SFTConfig, device: torch.device):
     from lora_kernels.training.losses import enable_chunked_loss
     from lora_kernels.training.memory import cast_frozen_params, enable_gradient_checkpointing
 
-    if resolve_base_dtype(cfg, device)[0] == "bf16":
+    if low_precision_base(cfg, device):
         cast_frozen_params(model, torch.bfloat16)  # a no-op for weights already loaded in bf16 (load_dtype)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
