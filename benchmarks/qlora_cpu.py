@@ -5,8 +5,9 @@ loaded 4-bit by bitsandbytes (``BitsAndBytesConfig(load_in_4bit, nf4, double qua
 Same everything: SmolLM2-135M-Instruct (the GGUF de-quantised to fp32, exported once to a safetensors folder for
 the HF side; 4-bit by the same bitsandbytes quantizer on both 4-bit sides, so the same codes), the default config's
 data, rows and step order (our sampler feeds HF's batches), LoRA r=16 alpha=32 all-linear dropout 0, AdamW, our
-warmup + cosine schedule (passed to Trainer as its scheduler), clipping, 80 steps of 8 rows, fp32 compute. Each
-run is its own process under ``/usr/bin/time -v`` (peak RSS = its "Maximum resident set size").
+warmup + cosine schedule (passed to Trainer as its scheduler), clipping, 80 steps of 8 rows; both 4-bit sides
+compute in the dtype ours picks here (bf16 on a CPU with bf16 instructions). Each run is its own process under
+``/usr/bin/time -v`` (peak RSS = its "Maximum resident set size").
 
 * tokens/s: the non-padding input tokens of steps 2..80 over their wall time (step 1 is warm-up), all sides;
 * eval loss: mean token loss on the default run's 96 held-out examples after training. Ours: its own evaluation.
