@@ -79,21 +79,59 @@ def _scaled_mm32(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     return scaled_mm(a.float(), b.float(), s)  # the upcast _mm32 makes, with the scale in the GEMM
 
 
+def lora_xa(x2, lora_A, lora_R, opts: LoRAOpts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's rank-r product: ``XA = dropout(X) Aᵀ`` ``[M, r]`` in the accumulation dtype (saved for
+    backward) and ``XR`` (``XA Rᵀ``, or XA) in the activation dtype, the operand of the LoRA term."""
+    dt = x2.dtype
+    a = _as(lora_A, dt)
+    p = opts.dropout_p
+    if p > 0:
+        xa32 = dropped_xa(x2, a, opts.seed, opts.offset, p)  # [M, r] fp32 (fp64 for fp64)
+    else:
+        xa32 = F.linear(x2, a) if dt in _EXACT else _mm32(x2, a.t())
+    xr = _as(xa32, dt) if lora_R is None else _as(_mm32(_as(xa32, dt), _as(lora_R, dt).t()), dt)
+    return xa32, xr
+
+
+def lora_grads(g, x2, lora_A, lora_B, lora_R, xa32, opts: LoRAOpts, dx, need_a, need_bb, need_r):
+    """The LoRA term's backward, shared by every torch-path base (dense, 4-bit): adds ``s · (GBR A) ⊙ Z`` into
+    ``dx`` (``[M, K]`` holding the base's ``G W``, or None) and returns ``(dx, dA, dB, dR)`` (None where not needed)."""
+    dt = x2.dtype
+    s, p = opts.scale, opts.dropout_p
+    need_x = dx is not None
+    a = _as(lora_A, dt)
+    r_ = None if lora_R is None else _as(lora_R, dt)
+    da = dbb = dr = None
+    gb = gbr = None
+    if need_x or need_a or need_r:
+        gb = _as(_mm32(g, _as(lora_B, dt)), dt)  # [M, r], fp32 accumulation, operand-rounded like an MMA input
+        gbr = gb if r_ is None else _as(_mm32(gb, r_), dt)
+    if p > 0 and (need_x or need_a):
+        # dX += s/(1-p)·(GBR A) ⊙ Z and dA = s·GBRᵀ (X ⊙ Z)/(1-p): the forward's mask, regenerated once per chunk
+        da32 = dropped_backward(x2, gbr, a, dx, need_a, s, opts.seed, opts.offset, p)
+        da = _as(da32, lora_A.dtype) if need_a else None
+    else:
+        if need_x:
+            dx.addmm_(gbr, a, alpha=s)
+        if need_a:
+            da = _as(_scaled_mm32(gbr.t(), x2, s), lora_A.dtype)
+    if need_bb:
+        xa = _as(xa32, dt)
+        xr = xa if r_ is None else _as(_mm32(xa, r_.t()), dt)
+        dbb = _as(_scaled_mm32(g.t(), xr, s), lora_B.dtype)
+    if need_r and lora_R is not None:
+        dr = _as(_scaled_mm32(gb.t(), _as(xa32, dt), s), lora_R.dtype)
+    return dx, da, dbb, dr
+
+
 class _TorchLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_R, opts: LoRAOpts):
         k = x.shape[-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, k)
-        dt = x.dtype
-        a = _as(lora_A, dt)
-        p = opts.dropout_p
-        if p > 0:
-            xa32 = dropped_xa(x2, a, opts.seed, opts.offset, p)  # [M, r] fp32 (fp64 for fp64)
-        else:
-            xa32 = F.linear(x2, a) if dt in _EXACT else _mm32(x2, a.t())
-        xr = _as(xa32, dt) if lora_R is None else _as(_mm32(_as(xa32, dt), _as(lora_R, dt).t()), dt)
+        xa32, xr = lora_xa(x2, lora_A, lora_R, opts)
         y = F.linear(x2, weight, bias)  # addmm / mm on Wᵀ, without a Python-level transpose
-        y.addmm_(xr, _as(lora_B, dt).t(), alpha=opts.scale)
+        y.addmm_(xr, _as(lora_B, x.dtype).t(), alpha=opts.scale)
         ctx.opts = opts
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -109,40 +147,13 @@ class _TorchLoRALinear(torch.autograd.Function):
         lora_R = rest[0] if rest else None
         opts: LoRAOpts = ctx.opts
         need_x, need_w, need_b, need_a, need_bb, need_r, _ = ctx.needs_input_grad
-        dt = x2.dtype
-        s, p = opts.scale, opts.dropout_p
         g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, weight.shape[0])
-        a = _as(lora_A, dt)
-        r_ = None if lora_R is None else _as(lora_R, dt)
-
-        dx = dw = db = da = dbb = dr = None
-        gb = gbr = None
-        if need_x or need_a or need_r:
-            gb = _as(_mm32(g, _as(lora_B, dt)), dt)  # [M, r], fp32 accumulation, operand-rounded like an MMA input
-            gbr = gb if r_ is None else _as(_mm32(gb, r_), dt)
-        if need_x:
-            dx = torch.mm(g, weight)
-        if p > 0 and (need_x or need_a):
-            # dX += s/(1-p)·(GBR A) ⊙ Z and dA = s·GBRᵀ (X ⊙ Z)/(1-p): the forward's mask, regenerated once per chunk
-            da32 = dropped_backward(x2, gbr, a, dx, need_a, s, opts.seed, opts.offset, p)
-            da = _as(da32, lora_A.dtype) if need_a else None
-        else:
-            if need_x:
-                dx.addmm_(gbr, a, alpha=s)
-            if need_a:
-                da = _as(_scaled_mm32(gbr.t(), x2, s), lora_A.dtype)
+        dx = torch.mm(g, weight) if need_x else None
+        dx, da, dbb, dr = lora_grads(g, x2, lora_A, lora_B, lora_R, xa32, opts, dx, need_a, need_bb, need_r)
         if need_x and dx.shape != ctx.x_shape:
             dx = dx.view(ctx.x_shape)
-        if need_w:
-            dw = _as(torch.mm(g.t(), x2), weight.dtype)
-        if need_b and ctx.bias_dtype is not None:
-            db = _as(g.sum(0), ctx.bias_dtype)
-        if need_bb:
-            xa = _as(xa32, dt)
-            xr = xa if r_ is None else _as(_mm32(xa, r_.t()), dt)
-            dbb = _as(_scaled_mm32(g.t(), xr, s), lora_B.dtype)
-        if need_r and lora_R is not None:
-            dr = _as(_scaled_mm32(gb.t(), _as(xa32, dt), s), lora_R.dtype)
+        dw = _as(torch.mm(g.t(), x2), weight.dtype) if need_w else None
+        db = _as(g.sum(0), ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         return dx, dw, db, da, dbb, dr, None
 
 

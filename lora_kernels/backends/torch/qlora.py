@@ -25,8 +25,7 @@ from ...quant import nf4
 from ...quant.nf4 import QuantWeight4bit, absmax_fp32, chunk_rows
 from ..base import LoRAOpts
 from . import native
-from .dropout import dropped_backward, dropped_xa
-from .lora import _as, _mm32, _scaled_mm32
+from .lora import _as, lora_grads, lora_xa
 
 
 def dequantize_rows(q: QuantWeight4bit, start: int, stop: int, dtype: torch.dtype, absmax: torch.Tensor):
@@ -88,14 +87,9 @@ class _TorchQLoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         dt = x.dtype
         absmax = absmax_fp32(q)
-        a = _as(lora_A, dt)
-        if opts.dropout_p > 0:  # the dense path's masked product (dropout.py): the same values, bit for bit
-            xa32 = dropped_xa(x2, a, opts.seed, opts.offset, opts.dropout_p)
-        else:
-            xa32 = _mm32(x2, a.t())  # [M, r] fp32
-        xr = xa32.to(dt) if lora_R is None else _mm32(xa32.to(dt), lora_R.to(dt).t()).to(dt)
+        xa32, xr = lora_xa(x2, lora_A, lora_R, opts)  # the dense path's, bit for bit
         y = base_forward(x2, q, absmax, bias)
-        y.addmm_(xr, lora_B.to(dt).t(), alpha=opts.scale)
+        y.addmm_(xr, _as(lora_B, dt).t(), alpha=opts.scale)
         # the 4-bit weight and the options are frozen, non-differentiable state: on ctx, not saved tensors
         ctx.q, ctx.opts, ctx.x_shape = q, opts, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -108,37 +102,12 @@ class _TorchQLoRALinear(torch.autograd.Function):
         opts: LoRAOpts = ctx.opts
         need_x, need_b, need_a, need_bb, need_r, _, _ = ctx.needs_input_grad
         q: QuantWeight4bit = ctx.q
-        dt, s = x2.dtype, opts.scale
         g = grad_y.reshape(-1, q.shape[0])
-        a, b_ = lora_A.to(dt), lora_B.to(dt)
-        r_ = None if lora_R is None else lora_R.to(dt)
-        dx = db = da = dbb = dr = None
-        gb = gbr = None
-        if need_x or need_a or need_r:
-            gb = _mm32(g, b_).to(dt)
-            gbr = gb if r_ is None else _mm32(gb, r_).to(dt)
-        p = opts.dropout_p
-        if need_x:
-            dx = base_grad_input(g, q, absmax)
-        if p > 0 and (need_x or need_a):
-            # the forward's mask, regenerated once per chunk for dX and dA (dropout.py, as the dense path does)
-            da32 = dropped_backward(x2, gbr, a, dx, need_a, s, opts.seed, opts.offset, p)
-            da = _as(da32, lora_A.dtype) if need_a else None
-        else:
-            if need_x:
-                dx.addmm_(gbr, a, alpha=s)
-            if need_a:
-                da = _as(_scaled_mm32(gbr.t(), x2, s), lora_A.dtype)
+        dx = base_grad_input(g, q, absmax) if need_x else None
+        dx, da, dbb, dr = lora_grads(g, x2, lora_A, lora_B, lora_R, xa32, opts, dx, need_a, need_bb, need_r)
         if need_x:
             dx = dx.view(ctx.x_shape)
-        if need_b and ctx.bias_dtype is not None:
-            db = g.sum(0).to(ctx.bias_dtype)
-        if need_bb:
-            xa = xa32.to(dt)
-            xr = xa if r_ is None else _mm32(xa, r_.t()).to(dt)
-            dbb = _as(_scaled_mm32(g.t(), xr, s), lora_B.dtype)
-        if need_r and lora_R is not None:
-            dr = _as(_scaled_mm32(gb.t(), xa32.to(dt), s), lora_R.dtype)
+        db = g.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         return dx, db, da, dbb, dr, None, None
 
 
