@@ -124,6 +124,22 @@ def test_all_ignored_gives_zero_loss_and_grads_no_nan(grad_mode):
     assert h32.grad.abs().max().item() == 0.0 and w32.grad.abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+def test_ignored_rows_never_reach_the_head(grad_mode):
+    """Only labelled rows are projected: non-finite hidden states on ignored rows change nothing, their dh is 0."""
+    hid, w, b, y = _problem(23, 8, 30, ignore_every=3)
+    ref_h = hid.clone().requires_grad_()
+    ref = chunked_linear_cross_entropy(ref_h, w, y, b, chunk_size=4, grad_mode=grad_mode)
+    ref.backward()
+    poisoned = hid.clone()
+    poisoned[y == IGN] = float("nan")  # a head GEMM over these rows would make the loss NaN
+    ph = poisoned.requires_grad_()
+    loss = chunked_linear_cross_entropy(ph, w, y, b, chunk_size=4, grad_mode=grad_mode)
+    loss.backward()
+    assert torch.equal(loss, ref) and torch.equal(ph.grad, ref_h.grad)
+    assert ph.grad[y == IGN].abs().max().item() == 0.0 and ph.grad[y != IGN].abs().max().item() > 0
+
+
 def test_empty_input():
     h = torch.zeros(0, 8, requires_grad=True)
     loss = chunked_linear_cross_entropy(h, torch.randn(10, 8), torch.zeros(0, dtype=torch.long))
