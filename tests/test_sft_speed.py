@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lora_kernels.models import save_tiny_random, tiny_random
+from lora_kernels.models import fused_blocks, save_tiny_random, tiny_random
 from lora_kernels.training.sft import runtime
 from lora_kernels.training.sft.config import build_config
 from lora_kernels.training.sft.data import IGNORE_INDEX, Example, collate, packed_mask_kind
@@ -110,7 +110,23 @@ def test_default_run_on_cpu(tmp_path, monkeypatch, flag):
         assert "frozen base fp32 (auto: the CPU has no avx512_bf16 / amx_bf16" in setup, setup
     assert "trainable weights and optimizer state fp32" in setup
     assert "loss chunked CE (auto: on on CPU" in setup, setup
+    if fused_blocks.unavailable() is None:  # 2 layers: 2 norms each + the final one, one MLP each
+        assert "blocks fused: 5 RMSNorm, 2 MLP (auto: on on CPU; --[no-]fused_blocks overrides)" in setup, setup
     assert s["eval_loss_after"] < s["eval_loss_before"] - 1.0, s
+
+
+def test_fused_blocks_auto_and_overrides(monkeypatch):
+    from lora_kernels.training.sft.config import ConfigError
+
+    if fused_blocks.unavailable() is None:
+        assert runtime.resolve_fused_blocks(build_config(), CPU) == (True, "auto: on on CPU")
+    on, why = runtime.resolve_fused_blocks(build_config(), CUDA)
+    assert not on and why == "auto: off, device cuda (CPU kernels)"
+    assert runtime.resolve_fused_blocks(build_config(overrides={"fused_blocks": False}), CPU)[0] is False
+    with pytest.raises(ConfigError, match="'fused_blocks': true cannot run here: device cuda"):
+        runtime.resolve_fused_blocks(build_config(overrides={"fused_blocks": True}), CUDA)
+    monkeypatch.setattr(fused_blocks, "unavailable", lambda: "lora_kernels._cpu not built (test)")
+    assert runtime.resolve_fused_blocks(build_config(), CPU) == (False, "auto: off, lora_kernels._cpu not built (test)")
 
 
 def _packed_logits_and_losses(model, rows, pad_id, kind):

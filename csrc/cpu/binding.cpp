@@ -17,6 +17,7 @@
 #include <omp.h>
 #endif
 
+#include "block_kernels.h"
 #include "dequant_kernels.h"
 #include "dropout_kernels.h"
 
@@ -113,6 +114,34 @@ LK_CLONES void dequant_f16(const uint8_t* p, const float* c, const float* a, int
 LK_CLONES void rows_keep(uint8_t* out, int64_t m0, int64_t m1, int64_t K, const Hash& hs) {
   keep_rows(out, m0, m1, K, hs);
 }
+
+// The decoder-block ops, one clone set per element type.
+#define LK_DEFINE_BLOCK(SUFFIX, E)                                                                                     \
+  LK_CLONES void rms_fwd_##SUFFIX(const void* x, const void* w, void* y, float* rstd, int64_t m0, int64_t m1,          \
+                                  int64_t K, float eps) {                                                              \
+    using T = E::T;                                                                                                    \
+    rms_forward_rows<E>(static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), rstd, m0, m1, K, eps); \
+  }                                                                                                                    \
+  LK_CLONES void rms_bwd_##SUFFIX(const void* dy, const void* x, const void* w, const float* rstd, void* dx,           \
+                                  int64_t m0, int64_t m1, int64_t K) {                                                 \
+    using T = E::T;                                                                                                    \
+    rms_backward_rows<E>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w), rstd,          \
+                         static_cast<T*>(dx), m0, m1, K);                                                              \
+  }                                                                                                                    \
+  LK_CLONES void silu_fwd_##SUFFIX(const void* g, const void* u, void* y, int64_t i0, int64_t i1) {                    \
+    using T = E::T;                                                                                                    \
+    silu_mul_forward_range<E>(static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), i0, i1);         \
+  }                                                                                                                    \
+  LK_CLONES void silu_bwd_##SUFFIX(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t i0,       \
+                                   int64_t i1) {                                                                       \
+    using T = E::T;                                                                                                    \
+    silu_mul_backward_range<E>(static_cast<const T*>(dy), static_cast<const T*>(g), static_cast<const T*>(u),          \
+                               static_cast<T*>(dg), static_cast<T*>(du), i0, i1);                                      \
+  }
+LK_DEFINE_BLOCK(f32, F32)
+LK_DEFINE_BLOCK(bf16, BF16)
+LK_DEFINE_BLOCK(f16, F16)
+#undef LK_DEFINE_BLOCK
 
 template <class F>
 void parallel_rows(int64_t M, int64_t K, int nthreads, F&& f) {
@@ -305,10 +334,89 @@ void dequant_4bit(uint64_t packed, uint64_t code, uint64_t absmax, uint64_t out,
   });
 }
 
+// --- decoder-block ops (block_kernels.h): contiguous row-major [M, K] tensors of one dtype (fp32 / fp16 / bf16) ---
+
+void check_block(const char* call, int64_t M, int64_t K, int dtype, int nthreads) {
+  check_nonneg(call, "M", M);
+  check_nonneg(call, "K", K);
+  elem_bytes(call, dtype);
+  if (dtype == kFloat64) bad(call, "dtype must be float32, float16 or bfloat16 (codes 0, 1, 2), got 3 (float64)");
+  if (nthreads < 1) bad(call, "nthreads must be >= 1, got " + std::to_string(nthreads));
+}
+
+void rms_norm_forward(uint64_t x, uint64_t w, uint64_t y, uint64_t rstd, int64_t M, int64_t K, double eps, int dtype,
+                      int nthreads) {
+  const char* call = "lora_kernels._cpu.rms_norm_forward";
+  check_block(call, M, K, dtype, nthreads);
+  if (!(std::isfinite(eps) && eps >= 0)) bad(call, "eps must be finite and >= 0");
+  const int64_t eb = elem_bytes(call, dtype);
+  const bool any = M > 0 && K > 0;
+  for (auto [name, ptr] : {std::pair{"x", x}, {"weight", w}, {"y", y}}) check_ptr(call, name, ptr, eb, any);
+  check_ptr(call, "rstd", rstd, 4, any);
+  if (!any) return;
+  auto fn = dtype == kFloat32 ? rms_fwd_f32 : dtype == kBFloat16 ? rms_fwd_bf16 : rms_fwd_f16;
+  auto* r = reinterpret_cast<float*>(rstd);
+  const auto* xp = reinterpret_cast<const void*>(x);
+  const auto* wp = reinterpret_cast<const void*>(w);
+  auto* yp = reinterpret_cast<void*>(y);
+  py::gil_scoped_release nogil;
+  parallel_rows(M, K, nthreads, [&](int64_t m0, int64_t m1) { fn(xp, wp, yp, r, m0, m1, K, static_cast<float>(eps)); });
+}
+
+void rms_norm_backward(uint64_t dy, uint64_t x, uint64_t w, uint64_t rstd, uint64_t dx, int64_t M, int64_t K, int dtype,
+                       int nthreads) {
+  const char* call = "lora_kernels._cpu.rms_norm_backward";
+  check_block(call, M, K, dtype, nthreads);
+  const int64_t eb = elem_bytes(call, dtype);
+  const bool any = M > 0 && K > 0;
+  for (auto [name, ptr] : {std::pair{"dy", dy}, {"x", x}, {"weight", w}, {"dx", dx}})
+    check_ptr(call, name, ptr, eb, any);
+  check_ptr(call, "rstd", rstd, 4, any);
+  if (!any) return;
+  auto fn = dtype == kFloat32 ? rms_bwd_f32 : dtype == kBFloat16 ? rms_bwd_bf16 : rms_bwd_f16;
+  const auto* r = reinterpret_cast<const float*>(rstd);
+  const auto *dyp = reinterpret_cast<const void*>(dy), *xp = reinterpret_cast<const void*>(x);
+  const auto* wp = reinterpret_cast<const void*>(w);
+  auto* dxp = reinterpret_cast<void*>(dx);
+  py::gil_scoped_release nogil;
+  parallel_rows(M, K, nthreads, [&](int64_t m0, int64_t m1) { fn(dyp, xp, wp, r, dxp, m0, m1, K); });
+}
+
+void silu_mul_forward(uint64_t g, uint64_t u, uint64_t y, int64_t n, int dtype, int nthreads) {
+  const char* call = "lora_kernels._cpu.silu_mul_forward";
+  check_block(call, n, 1, dtype, nthreads);
+  const int64_t eb = elem_bytes(call, dtype);
+  for (auto [name, ptr] : {std::pair{"gate", g}, {"up", u}, {"y", y}}) check_ptr(call, name, ptr, eb, n > 0);
+  if (n == 0) return;
+  auto fn = dtype == kFloat32 ? silu_fwd_f32 : dtype == kBFloat16 ? silu_fwd_bf16 : silu_fwd_f16;
+  const auto *gp = reinterpret_cast<const void*>(g), *up = reinterpret_cast<const void*>(u);
+  auto* yp = reinterpret_cast<void*>(y);
+  py::gil_scoped_release nogil;
+  parallel_rows(n, 1, nthreads, [&](int64_t i0, int64_t i1) { fn(gp, up, yp, i0, i1); });
+}
+
+void silu_mul_backward(uint64_t dy, uint64_t g, uint64_t u, uint64_t dg, uint64_t du, int64_t n, int dtype,
+                       int nthreads) {
+  const char* call = "lora_kernels._cpu.silu_mul_backward";
+  check_block(call, n, 1, dtype, nthreads);
+  const int64_t eb = elem_bytes(call, dtype);
+  for (auto [name, ptr] : {std::pair{"dy", dy}, {"gate", g}, {"up", u}, {"d_gate", dg}, {"d_up", du}})
+    check_ptr(call, name, ptr, eb, n > 0);
+  if (n == 0) return;
+  auto fn = dtype == kFloat32 ? silu_bwd_f32 : dtype == kBFloat16 ? silu_bwd_bf16 : silu_bwd_f16;
+  const auto *dyp = reinterpret_cast<const void*>(dy), *gp = reinterpret_cast<const void*>(g);
+  const auto* up = reinterpret_cast<const void*>(u);
+  auto *dgp = reinterpret_cast<void*>(dg), *dup = reinterpret_cast<void*>(du);
+  py::gil_scoped_release nogil;
+  parallel_rows(n, 1, nthreads, [&](int64_t i0, int64_t i1) { fn(dyp, gp, up, dgp, dup, i0, i1); });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, mod) {
-  mod.doc() = "lora_kernels CPU dropout pass (torch-free binding: raw addresses, sizes, element strides, dtype codes)";
+  mod.doc() =
+      "lora_kernels CPU dropout pass, 4-bit dequant and decoder-block ops (torch-free binding: raw addresses, sizes, "
+      "element strides, dtype codes)";
   mod.attr("DTYPE_CODES") =
       py::dict(py::arg("float32") = 0, py::arg("float16") = 1, py::arg("bfloat16") = 2, py::arg("float64") = 3);
 #ifdef _OPENMP
@@ -318,6 +426,17 @@ PYBIND11_MODULE(_cpu, mod) {
 #endif
   mod.attr("CLONES") = LK_CLONE_LIST;
   mod.attr("PARALLEL_MIN_ELEMS") = kParallelMinElems;
+  mod.def("rms_norm_forward", &rms_norm_forward, py::arg("x"), py::arg("weight"), py::arg("y"), py::arg("rstd"),
+          py::arg("M"), py::arg("K"), py::arg("eps"), py::arg("dtype"), py::arg("nthreads"),
+          "Llama RMSNorm of contiguous [M, K] rows: y = weight * T(x * rstd), rstd[M] (fp32) saved for backward.");
+  mod.def("rms_norm_backward", &rms_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
+          py::arg("dx"), py::arg("M"), py::arg("K"), py::arg("dtype"), py::arg("nthreads"),
+          "dx of rms_norm_forward (the weight's gradient is left to the caller).");
+  mod.def("silu_mul_forward", &silu_mul_forward, py::arg("gate"), py::arg("up"), py::arg("y"), py::arg("n"),
+          py::arg("dtype"), py::arg("nthreads"), "y = T(silu(gate)) * up over n contiguous elements.");
+  mod.def("silu_mul_backward", &silu_mul_backward, py::arg("dy"), py::arg("gate"), py::arg("up"), py::arg("d_gate"),
+          py::arg("d_up"), py::arg("n"), py::arg("dtype"), py::arg("nthreads"),
+          "d_gate, d_up of silu_mul_forward over n contiguous elements.");
   mod.def("dropout_forward", &dropout_forward, py::arg("x"), py::arg("stride_x_m"), py::arg("stride_x_k"),
           py::arg("out"), py::arg("stride_out_m"), py::arg("M"), py::arg("K"), py::arg("dtype"), py::arg("seed"),
           py::arg("offset"), py::arg("threshold"), py::arg("scale"), py::arg("nthreads"),

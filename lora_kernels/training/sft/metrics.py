@@ -114,7 +114,7 @@ def setup_line(run, counts: dict, backend: str) -> str:
     """One line saying what trains, where, how: precision, the frozen base's dtype and the loss, each with why
     (auto choices name their reason and the field that overrides them), backend, strategy, memory options."""
     from .config import QUANT_BASE_DTYPES
-    from .runtime import resolve_base_dtype, resolve_chunked_ce, resolve_quant_compute
+    from .runtime import resolve_base_dtype, resolve_chunked_ce, resolve_fused_blocks, resolve_quant_compute
 
     cfg = run.cfg
 
@@ -131,6 +131,11 @@ def setup_line(run, counts: dict, backend: str) -> str:
     chunked = getattr(run.core, "_lk_chunked", None) is not None
     _, ce_why = resolve_chunked_ce(cfg, run.device, run.core)
     memory = [k for k, on in (("activation checkpointing", cfg.gradient_checkpointing),) if on]
+    fused = getattr(run.core, "_lk_fused_counts", None)
+    _, fused_why = resolve_fused_blocks(cfg, run.device)
+    if fused is not None and not any(fused.values()):
+        fused_why += ", but the model has no Llama-style RMSNorm / MLP"
+    blocks = f"fused: {fused['rms_norm']} RMSNorm, {fused['mlp']} MLP" if fused and any(fused.values()) else "eager"
     return (
         f"method {cfg.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); device {run.device}, "
@@ -142,6 +147,7 @@ def setup_line(run, counts: dict, backend: str) -> str:
             else ""
         )
         + f"; loss {'chunked CE' if chunked else 'full logits'} ({ce_why}; --[no-]chunked_ce overrides)"
+        + f"; blocks {blocks} ({fused_why}; --[no-]fused_blocks overrides)"
         + (f", lora backend {backend}" if cfg.method == "lora" else "")
         + (f"; {run.strategy} over {run.world} processes" if run.world > 1 else "")
         + "; memory: "

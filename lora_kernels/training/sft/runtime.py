@@ -122,7 +122,7 @@ def load_dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
 
 def resolve_chunked_ce(cfg: SFTConfig, device: torch.device, model=None) -> tuple[bool, str]:
     """``(on, why)`` for the chunked LM-head loss. ``None`` (auto) turns it on on a CPU, where it is faster and
-    leaner than full-vocabulary logits (benchmarks/results/sft_vs_hf_pairings_cpu.md), when the model's head
+    leaner than full-vocabulary logits (benchmarks/results/sft_vs_hf_pairings_cpu_*.md), when the model's head
     allows it."""
     if cfg.chunked_ce is not None:
         return cfg.chunked_ce, "set by chunked_ce"
@@ -135,6 +135,22 @@ def resolve_chunked_ce(cfg: SFTConfig, device: torch.device, model=None) -> tupl
         if why:
             return False, f"auto: off, the model's head does not allow it ({why})"
     return True, "auto: on on CPU"
+
+
+def resolve_fused_blocks(cfg: SFTConfig, device: torch.device) -> tuple[bool, str]:
+    """``(on, why)`` for the fused CPU decoder-block ops (lora_kernels.models.fused_blocks: RMSNorm, SiLU-mul).
+    ``None`` (auto) turns them on on a CPU when ``lora_kernels._cpu`` has them; ``True`` where they cannot run is
+    a ConfigError naming why."""
+    from lora_kernels.models.fused_blocks import unavailable
+
+    if cfg.fused_blocks is False:
+        return False, "set by fused_blocks"
+    why = f"device {device.type} (CPU kernels)" if device.type != "cpu" else unavailable()
+    if cfg.fused_blocks:
+        if why:
+            raise ConfigError(f"config field 'fused_blocks': true cannot run here: {why}")
+        return True, "set by fused_blocks"
+    return (False, f"auto: off, {why}") if why else (True, "auto: on on CPU")
 
 
 def backend_label(name: str, device: torch.device) -> str:
@@ -187,7 +203,8 @@ def apply_method(model, cfg: SFTConfig) -> dict:
 
 
 def wrap_model(model, cfg: SFTConfig, device: torch.device):
-    """Place the model for training: low-precision frozen base, checkpointing, chunked loss, then DDP / FSDP2.
+    """Place the model for training: low-precision frozen base, checkpointing, chunked loss, fused blocks, then
+    DDP / FSDP2.
 
     Returns ``(model, core)``: ``model`` is what the training step calls (maybe a DDP wrapper), ``core`` the
     Hugging Face model itself (generation, exports, checkpoint names).
@@ -201,6 +218,10 @@ def wrap_model(model, cfg: SFTConfig, device: torch.device):
         enable_gradient_checkpointing(model)
     if resolve_chunked_ce(cfg, device, model)[0]:
         enable_chunked_loss(model, chunk_size=cfg.ce_chunk_size)
+    if resolve_fused_blocks(cfg, device)[0]:
+        from lora_kernels.models.fused_blocks import fuse_blocks
+
+        model._lk_fused_counts = fuse_blocks(model)
     model = model.to(device)
     strategy = resolve_strategy(cfg)
     mp = torch.bfloat16 if len({p.dtype for p in model.parameters()}) > 1 else None
