@@ -4,16 +4,19 @@ Every run is its own process (its peak RSS, ``ru_maxrss``, is its own), on the s
 from ``lora_kernels.models.sources``, written once to a safetensors folder so both stacks load the same files),
 the same training rows in the same step order (our tokenised chatterbot-corpus examples, assistant-only labels,
 steps grouped by length as our sampler makes them; HF reads them in that order: its ``group_by_length``), the
-same LoRA (r=16, alpha=32, all linear layers, dropout 0), AdamW at the same lr / warmup / clipping, batch size and
-steps. The configurations (``--configs``):
+same LoRA (r=16, alpha=32, all linear layers), AdamW at the same lr / warmup / clipping, batch size and steps. The
+configurations (``--configs``):
 
 * ``ours``: ``lora-kernels sft`` as a user runs it (every speed / memory field at its default: on a CPU with bf16
   instructions a bf16 frozen base and the chunked loss), plus the benchmark's data / step settings.
-* ``hf_bf16``: pairing (a), **equal settings**: HF loads the base in bf16, ``get_peft_model`` keeps the adapters in
-  fp32 (PEFT's ``autocast_adapter_dtype``), no checkpointing on either side; the only differences left are the
-  implementations (ours: fused LoRA op, chunked loss; HF: PEFT layers, full-vocabulary logits).
+* ``hf_equal``: pairing (a), **equal settings**: HF loads the base in the dtype ours picks on this CPU (bf16 where it
+  has bf16 instructions, fp32 elsewhere; ``get_peft_model`` keeps the adapters in fp32, PEFT's
+  ``autocast_adapter_dtype``), the same LoRA dropout as ours (our default, 0.05), no checkpointing on either side;
+  the differences left are the implementations (ours: fused LoRA op with the mask regenerated, chunked loss over
+  the labelled rows; HF: PEFT layers with ``nn.Dropout``, full-vocabulary logits).
 * ``hf_plain``: pairing (b), **default against default**: a plain ``Trainer`` + ``get_peft_model`` script (the
-  model as ``from_pretrained`` gives it, fp32 here; ``DataCollatorForSeq2Seq``; Trainer's default optimizer).
+  model as ``from_pretrained`` gives it, fp32 here; ``LoraConfig``'s default dropout, 0; ``DataCollatorForSeq2Seq``;
+  Trainer's default optimizer).
 * ``ours_fp32``: ``--base_dtype fp32 --no-chunked_ce``, the fp32 reference: the eval loss of ``ours`` after the
   run is compared with it (issue 19: within 2%).
 
@@ -21,7 +24,8 @@ Rounds run every configuration once, in a rotated order; ratios are taken within
 run of the same round), then the median and range over rounds are reported. tokens/s counts the non-padding
 input tokens of steps 2..N divided by their wall time (step 1 is warm-up on both sides; HF's step time excludes
 its data loader). One CSV row per run goes to ``benchmarks/results/sft_vs_hf_pairings_cpu.csv``, the summary to
-``sft_vs_hf_pairings_cpu.md``. Run it alone: ``flock /tmp/lk-bench.lock python benchmarks/sft_vs_hf.py``.
+``sft_vs_hf_pairings_cpu_<isa>.md`` (``<isa>``: ``avx512_bf16`` / ``amx_bf16``, or ``no_bf16``: the two machine
+classes give different defaults). Run it alone: ``flock /tmp/lk-bench.lock python benchmarks/sft_vs_hf.py``.
 
     python benchmarks/sft_vs_hf.py [--rounds 3] [--steps 8] [--batch_size 8] [--max_len 128] [--threads 1]
 """
@@ -44,11 +48,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "sft_vs_hf_pairings_cpu.csv"
-CONFIGS = ("ours", "hf_bf16", "hf_plain", "ours_fp32")
-PAIRINGS = {"a_equal_settings": "hf_bf16", "b_default_vs_default": "hf_plain"}
-COLUMNS = ["time_utc", "round", "config", "base_dtype", "loss_impl", "steps", "batch_size", "max_len", "threads",
+CONFIGS = ("ours", "hf_equal", "hf_plain", "ours_fp32")
+PAIRINGS = {"a_equal_settings": "hf_equal", "b_default_vs_default": "hf_plain"}
+COLUMNS = ["time_utc", "round", "config", "base_dtype", "loss_impl", "lora_dropout", "steps", "batch_size", "max_len",
+           "threads",
            "tokens_timed", "seconds_timed", "tokens_per_s", "peak_rss_mib", "final_train_loss", "eval_loss_after",
-           "trainable_params", "load_avg_1m", "torch", "transformers", "peft", "cpu"]  # fmt: skip
+           "trainable_params", "load_avg_1m", "torch", "transformers", "peft", "cpu", "cpu_bf16"]  # fmt: skip
+
+
+def _isa() -> str:
+    """The machine class: the CPU's bf16 instructions (``avx512_bf16`` / ``amx_bf16``) or ``no_bf16``."""
+    from lora_kernels.training.sft.runtime import cpu_bf16_instructions
+
+    return cpu_bf16_instructions() or "no_bf16"
 
 
 def _rss_mib() -> float:
@@ -113,22 +125,34 @@ def child_ours(args) -> dict:
         "eval_loss_after": summary["eval_loss_after"],
         "trainable_params": summary["trainable_params"],
         "base_dtype": line.split("frozen base ", 1)[1].split(" ", 1)[0],
+        "lora_dropout": cfg.lora_dropout,
         "loss_impl": "chunked CE" if "loss chunked CE" in line else "full logits",
         "setup_line": line,
         "peak_rss_mib": _rss_mib(),
     }
 
 
-def _hf_model(args, plain: bool):
+def _equal_settings(args) -> tuple[str, float]:
+    """Our frozen-base dtype on this CPU and our LoRA dropout: what the equal-settings HF run copies."""
+    import torch
+
+    from lora_kernels.training.sft.config import build_config
+    from lora_kernels.training.sft.runtime import resolve_base_dtype
+
+    cfg = build_config(overrides=_sft_overrides(args, "ours"))
+    return resolve_base_dtype(cfg, torch.device("cpu"))[0], cfg.lora_dropout
+
+
+def _hf_model(args, plain: bool, base_dtype: str, dropout: float):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    # plain: what from_pretrained gives (the folder's dtype, fp32); equal settings: a bf16 base like ours
-    dtype = {} if plain else {"dtype": torch.bfloat16}
+    # plain: what from_pretrained gives (the folder's dtype, fp32); equal settings: ours' base dtype
+    dtype = {} if plain else {"dtype": {"bf16": torch.bfloat16, "fp32": torch.float32}[base_dtype]}
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True, **dtype)
     model.config.use_cache = False
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)  # autocast_adapter_dtype=True (default): fp32 adapters on a bf16 base
 
 
@@ -159,7 +183,8 @@ def child_hf(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
     ensure_chat_template(tokenizer, log=lambda *_: None)
     rows = _rows_in_step_order(args, tokenizer)
-    model = _hf_model(args, plain)
+    base_dtype, dropout = ("fp32", 0.0) if plain else _equal_settings(args)  # plain: LoraConfig's default dropout
+    model = _hf_model(args, plain, base_dtype, dropout)
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -201,7 +226,8 @@ def child_hf(args) -> dict:
         "final_train_loss": losses[-1] if losses else None,
         "eval_loss_after": None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "base_dtype": "fp32" if plain else "bf16",
+        "base_dtype": base_dtype,
+        "lora_dropout": dropout,
         "loss_impl": "full logits",
         "peak_rss_mib": _rss_mib(),
     }
@@ -246,11 +272,11 @@ def _write_row(args, rnd: int, config: str, r: dict) -> None:
             w.writerow(COLUMNS)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         w.writerow(
-            [now, rnd, config, r["base_dtype"], r["loss_impl"], args.steps, args.batch_size, args.max_len,
+            [now, rnd, config, r["base_dtype"], r["loss_impl"], r["lora_dropout"], args.steps, args.batch_size, args.max_len,
              args.threads, r["tokens_timed"], round(r["seconds_timed"], 2), round(r["tokens_per_s"], 1),
              round(r["peak_rss_mib"], 1), r["final_train_loss"], r["eval_loss_after"], r["trainable_params"],
              r["load_avg_1m"], torch.__version__, transformers.__version__, peft.__version__,
-             platform.processor() or platform.machine()]
+             platform.processor() or platform.machine(), _isa()]
         )  # fmt: skip
 
 
@@ -261,11 +287,13 @@ def _spread(xs: list[float]) -> str:
 def summarise(rounds: list[dict], args) -> str:
     """Markdown: per pairing, the median and range over rounds of the within-round ratios, and the eval check."""
     lines = [f"# lora-kernels sft vs HF Trainer + PEFT (CPU, {args.threads} thread(s) per process)", "",
-             f"SmolLM2-135M-Instruct, chatterbot rows grouped by length, batch {args.batch_size}, max_len "
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, bf16 instructions: "
+             f"{_isa()}. SmolLM2-135M-Instruct, chatterbot rows grouped by length, batch {args.batch_size}, max_len "
              f"{args.max_len}, {args.steps} steps (step 1 untimed), LoRA r=16 all-linear; {len(rounds)} rounds. "
              f"Ratios are ours / HF within a round; median (range) over rounds.", "",
-             "| pairing | HF config | tokens/s ours / HF | peak RSS ours / HF | ours tok/s (median) | HF tok/s | "
-             "ours RSS MiB | HF RSS MiB |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| pairing | HF config | ours base, dropout | HF base, dropout | tokens/s ours / HF | peak RSS ours / HF "
+             "| ours tok/s (median) | HF tok/s | ours RSS MiB | HF RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, hf in PAIRINGS.items():
         both = [r for r in rounds if "ours" in r and hf in r]
         if not both:
@@ -276,7 +304,9 @@ def summarise(rounds: list[dict], args) -> str:
         def med(c, k, rows=both):
             return statistics.median(r[c][k] for r in rows)
 
-        lines.append(f"| {name} | {hf} | {_spread(tps)} | {_spread(rss)} | {med('ours', 'tokens_per_s'):.1f} | "
+        sides = [f"{both[0][c]['base_dtype']}, {both[0][c]['lora_dropout']}" for c in ("ours", hf)]
+        lines.append(f"| {name} | {hf} | {sides[0]} | {sides[1]} | {_spread(tps)} | {_spread(rss)} | "
+                     f"{med('ours', 'tokens_per_s'):.1f} | "
                      f"{med(hf, 'tokens_per_s'):.1f} | {med('ours', 'peak_rss_mib'):.0f} | "
                      f"{med(hf, 'peak_rss_mib'):.0f} |")  # fmt: skip
     ev = [r for r in rounds if "ours" in r and "ours_fp32" in r and r["ours"]["eval_loss_after"] is not None]
@@ -333,7 +363,7 @@ def main() -> None:
     text = summarise(rounds, args)
     print(text)
     if not args.no_write:
-        RESULTS.with_suffix(".md").write_text(text)
+        RESULTS.with_name(f"{RESULTS.stem}_{_isa()}.md").write_text(text)
 
 
 if __name__ == "__main__":
