@@ -1,5 +1,6 @@
-// lora_kernels._cpu: the fused dropout pass of the torch backend on CPU (hash + select + scale, one pass), as a
-// torch-free pybind11 module like lora_kernels._C: tensors arrive as raw addresses (int) with sizes, element
+// lora_kernels._cpu: the fused dropout pass of the torch backend on CPU (hash + select + scale, one pass), the 4-bit
+// dequant of QLoRA and the fused decoder-block ops (RMSNorm, SiLU-mul; block_kernels.h), as a torch-free pybind11
+// module like lora_kernels._C: tensors arrive as raw addresses (int) with sizes, element
 // strides and a dtype code (0 float32, 1 float16, 2 bfloat16, 3 float64). Arguments are validated here with
 // messages naming them (ValueError); the row kernels (dropout_kernels.h) assume valid input.
 //
