@@ -210,7 +210,7 @@ def chunked_linear_cross_entropy(
         # the [rows, V] softmax shrink to the labelled share (in SFT the prompt rows are ignored).
         # index_select's backward scatters dh back into zeros for the ignored rows.
         keep = valid.nonzero().squeeze(1)
-        h, y, valid = h.index_select(0, keep), y.index_select(0, keep), valid.new_ones(n_valid)
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
         t = n_valid
 
     if reduction == "sum":

@@ -80,9 +80,7 @@ class SFTConfig:
     # -- memory and multi-process (lora_kernels.training.memory / losses / distributed) ----------------------------------
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the decoder layers
     chunked_ce: bool | None = None  # loss over the LM head in token chunks, no [tokens, vocab] logits (None: on on CPU)
-    fused_blocks: bool | None = (
-        None  # fused CPU RMSNorm / SiLU-mul passes (None: on on CPU when lora_kernels._cpu loads)
-    )
+    fused_blocks: bool | None = None  # one native pass per RMSNorm / SiLU-mul (None: on on CPU)
     ce_chunk_size: int | None = None  # tokens per chunk (None = about the size of the hidden states, >= 256)
     base_dtype: str = "auto"  # frozen base: auto (LoRA: bf16 on GPU / a bf16-capable CPU) | fp32 | bf16 | nf4 | fp4
     distributed: str = "auto"  # under torchrun: auto (= ddp when WORLD_SIZE > 1) | none | ddp | fsdp

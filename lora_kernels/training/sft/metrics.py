@@ -131,11 +131,13 @@ def setup_line(run, counts: dict, backend: str) -> str:
     chunked = getattr(run.core, "_lk_chunked", None) is not None
     _, ce_why = resolve_chunked_ce(cfg, run.device, run.core)
     memory = [k for k, on in (("activation checkpointing", cfg.gradient_checkpointing),) if on]
-    fused = getattr(run.core, "_lk_fused_counts", None)
+    fused = getattr(run.core, "_lk_fused_counts", None)  # set by wrap_model when the blocks were swapped
     _, fused_why = resolve_fused_blocks(cfg, run.device)
-    if fused is not None and not any(fused.values()):
+    blocks = "eager"
+    if fused is not None and any(fused.values()):
+        blocks = f"fused: {fused['rms_norm']} RMSNorm, {fused['mlp']} MLP"
+    elif fused is not None:
         fused_why += ", but the model has no Llama-style RMSNorm / MLP"
-    blocks = f"fused: {fused['rms_norm']} RMSNorm, {fused['mlp']} MLP" if fused and any(fused.values()) else "eager"
     return (
         f"method {cfg.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%); device {run.device}, "
